@@ -1,0 +1,1 @@
+"""The `edge` command line: the one place that catches Edge errors."""

@@ -1,0 +1,88 @@
+"""Entry point of the `edge` command: ``edge <noun> <verb>``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Sequence
+
+import click
+import typer
+
+from edge import __version__, settings
+from edge.errors import EdgeError
+
+app = typer.Typer(
+    name="edge",
+    help="Edge: compile models per device, ship them to fleets, run them offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    """Edge: compile models per device, ship them to fleets, run them offline."""
+    _state["debug"] = debug
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+    logging.basicConfig(
+        level="DEBUG" if debug else settings.log_level(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    # Sub-command modules register themselves on `app`; imported here, not at module import
+    # of the CLI's callers, so `import edge` stays free of work.
+    from edge.cli import bundle, export, keys, profiles  # noqa: F401
+
+    for module in (profiles, keys, bundle, export):
+        module.register(app)
+
+
+_registered = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` and return the exit code (tests call this directly)."""
+    global _registered
+    if not _registered:
+        _register()
+        _registered = True
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in args
+    try:
+        result = command.main(args=args, prog_name="edge", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except EdgeError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"Error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("Aborted.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The one exception tree of Edge.
+
+Every error carries a stable string ``code`` (it also travels in status and event messages)
+and an ``exit_code`` for the CLI, which is the one place that catches them::
+
+    EdgeError                       edge_error            1
+    ├── ConfigError                 config_invalid        2
+    │   ├── ProfileError            profile_invalid       2
+    │   └── NotFoundError           not_found             2
+    ├── ModelSourceError            model_source_invalid  3
+    │   └── UnsupportedModelError   model_unsupported     3
+    ├── ExportError                 export_failed         4
+    │   └── FidelityError           fidelity_failed       4
+    ├── BundleError                 bundle_invalid        5
+    │   ├── UnsafePathError         bundle_unsafe_path    5
+    │   ├── IntegrityError          bundle_integrity      5
+    │   └── SignatureError          signature_invalid     5
+    ├── CompatibilityError          incompatible          6
+    ├── StoreError                  store_error           7
+    ├── ResourceError               resource_exhausted    8
+    ├── InferenceError              inference_failed      9
+    │   └── RequestError            request_invalid       9
+    └── TransportError              transport_error      10
+
+Third-party errors are translated once, at the boundary, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of every error Edge raises on purpose."""
+
+    code = "edge_error"
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_dict(self) -> dict[str, str]:
+        """Describe the error for JSON output and status messages."""
+        out = {"code": self.code, "message": self.message}
+        if self.hint:
+            out["hint"] = self.hint
+        return out
+
+
+class ConfigError(EdgeError):
+    """Configuration, a command-line option or a YAML file is invalid."""
+
+    code = "config_invalid"
+    exit_code = 2
+
+
+class ProfileError(ConfigError):
+    """A device profile is invalid or impossible."""
+
+    code = "profile_invalid"
+
+
+class NotFoundError(ConfigError):
+    """A named thing (profile, model, key, bundle) does not exist."""
+
+    code = "not_found"
+
+
+class ModelSourceError(EdgeError):
+    """The model given to the exporter is missing, corrupt or unreadable."""
+
+    code = "model_source_invalid"
+    exit_code = 3
+
+
+class UnsupportedModelError(ModelSourceError):
+    """The model's architecture or task is not one Edge can export."""
+
+    code = "model_unsupported"
+
+
+class ExportError(EdgeError):
+    """Export, optimization or quantization failed."""
+
+    code = "export_failed"
+    exit_code = 4
+
+
+class FidelityError(ExportError):
+    """The exported model does not match the source model closely enough."""
+
+    code = "fidelity_failed"
+
+
+class BundleError(EdgeError):
+    """A bundle is malformed."""
+
+    code = "bundle_invalid"
+    exit_code = 5
+
+
+class UnsafePathError(BundleError):
+    """A bundle names a path that would escape its folder, or a link or device file."""
+
+    code = "bundle_unsafe_path"
+
+
+class IntegrityError(BundleError):
+    """A payload file does not match the size or hash its manifest declares."""
+
+    code = "bundle_integrity"
+
+
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by an untrusted or revoked key, or its signature is bad."""
+
+    code = "signature_invalid"
+
+
+class CompatibilityError(EdgeError):
+    """A bundle does not fit this device (profile, architecture, providers, budgets)."""
+
+    code = "incompatible"
+    exit_code = 6
+
+
+class StoreError(EdgeError):
+    """The on-device model store cannot perform an operation."""
+
+    code = "store_error"
+    exit_code = 7
+
+
+class ResourceError(EdgeError):
+    """Out of disk, memory or another budget."""
+
+    code = "resource_exhausted"
+    exit_code = 8
+
+
+class InferenceError(EdgeError):
+    """Running a model failed."""
+
+    code = "inference_failed"
+    exit_code = 9
+
+
+class RequestError(InferenceError):
+    """An inference request is malformed (wrong shape, dtype, too long, unknown model)."""
+
+    code = "request_invalid"
+
+
+class TransportError(EdgeError):
+    """The MQTT connection or a message on it failed."""
+
+    code = "transport_error"
+    exit_code = 10
+
+
+def all_error_classes() -> list[type[EdgeError]]:
+    """List every class of the tree, root first."""
+    seen: list[type[EdgeError]] = []
+    stack: list[type[EdgeError]] = [EdgeError]
+    while stack:
+        cls = stack.pop(0)
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen

@@ -1,0 +1,1 @@
+"""The contract between exporter, agent and fleet: profiles, manifests, bundles, topics."""

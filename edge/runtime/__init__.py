@@ -1,0 +1,1 @@
+"""Running compiled models with ONNX Runtime: sessions, encoders, generators. No torch here."""
