@@ -41,13 +41,21 @@ def _root(
     )
 
 
-def _register() -> None:
-    # Sub-command modules register themselves on `app`; imported here, not at module import
-    # of the CLI's callers, so `import edge` stays free of work.
-    from edge.cli import bundle, export, keys, profiles  # noqa: F401
+# Command modules under edge/cli/, each with a register(app) function, in --help order.
+COMMAND_MODULES = ("export", "profiles", "keys", "bundle", "flash", "models", "agent", "fleet", "demo")
 
-    for module in (profiles, keys, bundle, export):
-        module.register(app)
+
+def _register() -> None:
+    # Imported here, not at import time of edge.cli.main, so `import edge` stays free of work.
+    # A module not written yet is skipped; an import error inside an existing one is raised.
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        qualified = f"edge.cli.{name}"
+        if importlib.util.find_spec(qualified) is None:
+            continue
+        importlib.import_module(qualified).register(app)
 
 
 _registered = False
