@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator, Protocol
 
-from edge.errors import ExportError
+from edge.errors import ConfigError, ExportError
 from edge.protocol.enums import ModelKind, Precision
 from edge.protocol.manifest import Manifest
 from edge.protocol.profile import DeviceProfile, PrecisionPlan
@@ -86,7 +86,13 @@ def handler_for(kind: ModelKind) -> Handler:
     except KeyError:
         raise ExportError(f"no exporter for model kind {kind.value}", hint=f"known: {', '.join(k.value for k in _HANDLERS)}") from None
     module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)()
+    try:
+        return getattr(importlib.import_module(module), cls)()
+    except ImportError as exc:
+        raise ConfigError(
+            f"exporting {kind.value} models needs {exc.name or 'a missing library'}, which is not installed",
+            hint="install the build-machine extra: pip install 'edge-fleet[export]'",
+        ) from exc
 
 
 def gate(metrics: dict[str, float], thresholds: dict[str, tuple[str, float]]) -> list[str]:
