@@ -7,8 +7,8 @@ import sys
 import traceback
 from typing import Sequence
 
-import click
 import typer
+from typer.exceptions import Abort, Exit, TyperException
 
 from edge import __version__, settings
 from edge.errors import EdgeError
@@ -24,16 +24,20 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 callback=_print_version, is_eager=True),
 ) -> None:
     """Edge: compile models per device, ship them to fleets, run them offline."""
     _state["debug"] = debug
-    if version:
-        typer.echo(__version__)
-        raise typer.Exit(0)
     logging.basicConfig(
         level="DEBUG" if debug else settings.log_level(),
         stream=sys.stderr,
@@ -78,14 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"Error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except Abort:
         print("Aborted.", file=sys.stderr)
         return 1
+    except TyperException as exc:  # usage errors: typer's vendored click exceptions
+        show = getattr(exc, "show", None)
+        if show:
+            show()
+        else:
+            print(f"Error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
@@ -94,3 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
