@@ -14,13 +14,24 @@ and an ``exit_code`` for the CLI, which is the one place that catches them::
     ├── BundleError                 bundle_invalid        5
     │   ├── UnsafePathError         bundle_unsafe_path    5
     │   ├── IntegrityError          bundle_integrity      5
-    │   └── SignatureError          signature_invalid     5
+    │   ├── SignatureError          signature_invalid     5
+    │   └── ModelValidationError    model_invalid         5
     ├── CompatibilityError          incompatible          6
     ├── StoreError                  store_error           7
     ├── ResourceError               resource_exhausted    8
     ├── InferenceError              inference_failed      9
-    │   └── RequestError            request_invalid       9
-    └── TransportError              transport_error      10
+    │   ├── RequestError            request_invalid       9
+    │   └── UnavailableError        model_unavailable     9
+    ├── TransportError              transport_error      10
+    │   ├── ConnectError            transport_connect    10
+    │   ├── BrokerAuthError         transport_auth       10
+    │   ├── TlsError                transport_tls        10
+    │   ├── ProtocolError           transport_protocol   10
+    │   ├── PublishError            transport_publish    10
+    │   └── DownloadError           download_failed      10
+    ├── ConflictError               conflict             11
+    └── AuthError                   unauthorized         12
+        └── ForbiddenError          forbidden            12
 
 Third-party errors are translated once, at the boundary, with ``raise ... from exc``.
 """
@@ -120,6 +131,12 @@ class SignatureError(BundleError):
     code = "signature_invalid"
 
 
+class ModelValidationError(BundleError):
+    """A bundle's model failed its trial load in a child process (crash, error, timeout, memory)."""
+
+    code = "model_invalid"
+
+
 class CompatibilityError(EdgeError):
     """A bundle does not fit this device (profile, architecture, providers, budgets)."""
 
@@ -154,11 +171,77 @@ class RequestError(InferenceError):
     code = "request_invalid"
 
 
+class UnavailableError(InferenceError):
+    """A model is still loading, unloaded or failed to load: retrying later may succeed."""
+
+    code = "model_unavailable"
+
+
 class TransportError(EdgeError):
-    """The MQTT connection or a message on it failed."""
+    """The MQTT connection, a message on it, or a bundle download failed."""
 
     code = "transport_error"
     exit_code = 10
+
+
+class ConnectError(TransportError):
+    """The broker cannot be reached, refused the connection, or the connection was lost."""
+
+    code = "transport_connect"
+
+
+class BrokerAuthError(TransportError):
+    """The broker refused the credentials or the client is not authorized for an operation."""
+
+    code = "transport_auth"
+
+
+class TlsError(TransportError):
+    """The TLS handshake with the broker failed (CA, certificate, key or host name)."""
+
+    code = "transport_tls"
+
+
+class ProtocolError(TransportError):
+    """The broker and the client disagree on MQTT (version, malformed or unexpected packet)."""
+
+    code = "transport_protocol"
+
+
+class PublishError(TransportError):
+    """A message could not be published (too large, queue full, refused by the broker)."""
+
+    code = "transport_publish"
+
+
+class DownloadError(TransportError):
+    """Downloading a bundle over HTTP failed; ``transient`` says whether retrying may help."""
+
+    code = "download_failed"
+
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = True) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
+
+
+class ConflictError(EdgeError):
+    """The request conflicts with the current state (a finished rollout, a version re-uploaded with other bytes)."""
+
+    code = "conflict"
+    exit_code = 11
+
+
+class AuthError(EdgeError):
+    """An API token is missing, unknown, or lacks the role the request needs."""
+
+    code = "unauthorized"
+    exit_code = 12
+
+
+class ForbiddenError(AuthError):
+    """The API token is valid but its role does not allow the request."""
+
+    code = "forbidden"
 
 
 def all_error_classes() -> list[type[EdgeError]]:

@@ -31,6 +31,13 @@ def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
 
 
+def _url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return url
+
+
 def _level(raw: str) -> str:
     level = raw.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -55,6 +62,36 @@ VARIABLES: dict[str, EnvVar] = {
             _path,
         ),
         EnvVar("EDGE_LOG_LEVEL", "Log level of the CLI and the agent.", "WARNING", _level),
+        EnvVar(
+            "EDGE_FAULT_POINT",
+            "Test seam: the model store kills its own process (SIGKILL) on reaching this named step "
+            "(see edge.agent.faults.FAULT_POINTS); empty in production.",
+            "",
+            str,
+        ),
+        EnvVar(
+            "EDGE_CONTROLLER",
+            "Base URL of the fleet controller's REST API, used by `edge fleet` read/write commands.",
+            "http://127.0.0.1:8700",
+            _url,
+        ),
+        EnvVar("EDGE_FLEET_TOKEN", "API token the `edge fleet` commands send to the controller.", None, str),
+        EnvVar(
+            "EDGE_FLEET_ADMIN_TOKEN",
+            "Admin API token of `edge fleet serve` (instead of one generated at first start).",
+            None,
+            str,
+        ),
+        EnvVar("EDGE_FLEET_DB", "Database URL of `edge fleet serve` (default: SQLite in its data folder).", None, str),
+        EnvVar("EDGE_FLEET_BROKER", "MQTT broker URL of `edge fleet serve` (default: an embedded broker).", None, str),
+        EnvVar("EDGE_FLEET_DATA", "Data folder of `edge fleet serve` (database, bundles).", "~/.edge/fleet", _path),
+        EnvVar(
+            "EDGE_BROKER_PASSWORD",
+            "MQTT broker password when the broker URL names a user but no password "
+            "(keeps it off command lines and process lists).",
+            None,
+            str,
+        ),
     )
 }
 
@@ -96,3 +133,45 @@ def environ_for_child(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra or {})
     return env
+
+
+def controller_url() -> str:
+    """Return the fleet controller URL the CLI talks to."""
+    return get("EDGE_CONTROLLER")  # type: ignore[return-value]
+
+
+def fleet_token() -> str | None:
+    """Return the API token the CLI sends to the controller, if set."""
+    return get("EDGE_FLEET_TOKEN")  # type: ignore[return-value]
+
+
+def fleet_admin_token() -> str | None:
+    """Return the admin token configured for the controller, if set."""
+    return get("EDGE_FLEET_ADMIN_TOKEN")  # type: ignore[return-value]
+
+
+def fleet_db() -> str | None:
+    """Return the controller's database URL, if set."""
+    return get("EDGE_FLEET_DB")  # type: ignore[return-value]
+
+
+def fleet_broker() -> str | None:
+    """Return the controller's broker URL, if set."""
+    return get("EDGE_FLEET_BROKER")  # type: ignore[return-value]
+
+
+def fleet_data() -> Path:
+    """Return the controller's data folder (under EDGE_HOME unless EDGE_FLEET_DATA is set)."""
+    if "EDGE_FLEET_DATA" in os.environ:
+        return get("EDGE_FLEET_DATA")  # type: ignore[return-value]
+    return edge_home() / "fleet"
+
+
+def fault_point() -> str:
+    """Return the store step at which a crash is injected for tests ("" when none)."""
+    return get("EDGE_FAULT_POINT")  # type: ignore[return-value]
+
+
+def broker_password() -> str | None:
+    """Return the MQTT broker password from the environment, if set."""
+    return get("EDGE_BROKER_PASSWORD")  # type: ignore[return-value]
