@@ -46,33 +46,43 @@ def _root(
 
 
 # Command modules under edge/cli/, each with a register(app) function, in --help order.
-COMMAND_MODULES = ("export", "profiles", "keys", "bundle", "flash", "models", "agent", "fleet", "demo")
+COMMAND_MODULES = ("export", "profiles", "keys", "bundle", "flash", "models", "agent", "fleet", "broker", "demo")
+# Modules that add commands to another module's group: `edge fleet certs|broker-config` live in broker.py.
+EXTENDS = {"broker": "fleet"}
 
 
-def _register() -> None:
+def _register(only: str | None = None) -> None:
     # Imported here, not at import time of edge.cli.main, so `import edge` stays free of work.
     # A module not written yet is skipped; an import error inside an existing one is raised.
+    # With ``only``, just that command's module is imported: the others cost start-up time and
+    # memory a long-running `edge agent run` should not pay.
     import importlib
     import importlib.util
 
     for name in COMMAND_MODULES:
+        if name in _registered or (only is not None and only not in (name, EXTENDS.get(name))):
+            continue
         qualified = f"edge.cli.{name}"
         if importlib.util.find_spec(qualified) is None:
             continue
+        groups, commands = len(app.registered_groups), len(app.registered_commands)
         importlib.import_module(qualified).register(app)
+        _registered[name] = (app.registered_groups[groups:], app.registered_commands[commands:])
+    # --help lists commands in COMMAND_MODULES order, whatever order they were registered in.
+    app.registered_groups = [g for n in COMMAND_MODULES for g in _registered.get(n, ([], []))[0]]
+    app.registered_commands = [c for n in COMMAND_MODULES for c in _registered.get(n, ([], []))[1]]
 
 
-_registered = False
+# Command module name -> the typer groups and commands its register() added.
+_registered: dict[str, tuple[list, list]] = {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` and return the exit code (tests call this directly)."""
-    global _registered
-    if not _registered:
-        _register()
-        _registered = True
-    command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in args if not a.startswith("-")), None)
+    _register(first if first in COMMAND_MODULES else None)
+    command = typer.main.get_command(app)
     _state["debug"] = "--debug" in args
     try:
         result = command.main(args=args, prog_name="edge", standalone_mode=False)

@@ -1,0 +1,53 @@
+"""`edge agent run`: serve the store's models over HTTP (KServe v2, OpenAI, Prometheus)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `agent` commands to the CLI."""
+    sub = typer.Typer(help="The device agent: serve installed models offline.", no_args_is_help=True)
+    app.add_typer(sub, name="agent")
+
+    @sub.command("run")
+    def run(
+        device_id: str = typer.Option(..., "--device-id", help="This device's id (letters, digits, . _ : -)."),
+        data: Path = typer.Option(..., "--data", help="Data folder of the model store."),
+        profile: str = typer.Option("auto", "--profile", help="Device profile name, or 'auto' to detect it."),
+        http: str = typer.Option("127.0.0.1:8080", "--http", help="HOST:PORT to serve on (port 0 picks a free one)."),
+        trusted_key: Optional[List[Path]] = typer.Option(
+            None, "--trusted-key", help="Public key whose bundles are accepted (repeatable)."),
+        threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per model (0: the profile's)."),
+        max_body_mb: int = typer.Option(32, "--max-body-mb", help="Largest request body in MiB."),
+        max_batch: int = typer.Option(32, "--max-batch", help="Largest encoder batch."),
+        batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="Longest wait for an encoder batch to fill."),
+        llm_slots: int = typer.Option(4, "--llm-slots", help="Generations an LLM advances together."),
+        queue: int = typer.Option(64, "--queue", help="Requests waiting per model before 429."),
+    ) -> int:
+        """Serve the store's active models until SIGTERM; runs without network."""
+        from edge.agent.runner import Agent, AgentOptions, parse_http
+        from edge.agent.server.context import ServerConfig
+        from edge.errors import ConfigError
+
+        host, port = parse_http(http)
+        try:
+            server = ServerConfig(
+                max_body_bytes=max_body_mb * 1024 * 1024, infer_queue=queue, llm_max_queue=queue,
+                batch_max_size=max_batch, batch_max_wait_s=batch_wait_ms / 1000, llm_max_active=llm_slots,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        options = AgentOptions(device_id=device_id, data_dir=data, host=host, port=port, profile=profile,
+                               trusted_keys=tuple(trusted_key or ()), threads=threads or None, server=server)
+        agent = Agent(options)
+
+        def listening(url: str) -> None:
+            # Always printed (not a log line) so scripts and tests can find a port picked with :0.
+            print(f"edge agent {device_id}: serving on {url}", file=sys.stderr, flush=True)
+
+        return agent.serve(on_listening=listening)
