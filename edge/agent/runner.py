@@ -73,18 +73,13 @@ def parse_http(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def resolve_profile(name: str) -> "DeviceProfile":
-    """Return the named profile, or the detected one for ``auto``."""
+def resolve_profile(name: str, data_dir: Path) -> "DeviceProfile":
+    """Return the store's recorded profile, else the named one, else the detected one."""
     from edge import settings
+    from edge.agent.device import resolve_profile as resolve_store_profile
     from edge.protocol.catalog import load_catalog
 
-    catalog = load_catalog(settings.profile_path())
-    if name != "auto":
-        return catalog.get(name)
-    from edge.runtime.detect import detect_profile
-
-    profile, _ = detect_profile(catalog)
-    return profile
+    return resolve_store_profile(data_dir, name, load_catalog(settings.profile_path()))
 
 
 def load_trust(paths: tuple[Path, ...]) -> "TrustStore":
@@ -130,7 +125,7 @@ class Agent:
         from edge.agent.server.registry import Registry
 
         if self.profile is None:
-            self.profile = resolve_profile(self.options.profile)
+            self.profile = resolve_profile(self.options.profile, self.options.data_dir)
         if self.store is None:
             from edge.agent.store import Store
 

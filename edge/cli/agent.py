@@ -28,6 +28,15 @@ def register(app: typer.Typer) -> None:
         batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="Longest wait for an encoder batch to fill."),
         llm_slots: int = typer.Option(4, "--llm-slots", help="Generations an LLM advances together."),
         queue: int = typer.Option(64, "--queue", help="Requests waiting per model before 429."),
+        broker: Optional[str] = typer.Option(
+            None, "--broker", help="Fleet broker URL, mqtt://[user[:pass]@]HOST:PORT or mqtts://... (none: offline)."),
+        fleet: str = typer.Option("default", "--fleet", help="Fleet id in the topic tree."),
+        topic_root: str = typer.Option("edge", "--topic-root", help="Root of the topic tree."),
+        ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for mqtts:// (default: system CAs)."),
+        cert_file: Optional[Path] = typer.Option(None, "--cert-file", help="Client certificate for mqtts://."),
+        key_file: Optional[Path] = typer.Option(None, "--key-file", help="Client certificate key for mqtts://."),
+        telemetry_interval: float = typer.Option(5.0, "--telemetry-interval", help="Seconds between telemetry messages."),
+        download_rate_kb: float = typer.Option(0, "--download-rate-kb", help="Bundle download cap in KiB/s (0: none)."),
     ) -> int:
         """Serve the store's active models until SIGTERM; runs without network."""
         from edge.agent.runner import Agent, AgentOptions, parse_http
@@ -44,7 +53,22 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(str(exc)) from exc
         options = AgentOptions(device_id=device_id, data_dir=data, host=host, port=port, profile=profile,
                                trusted_keys=tuple(trusted_key or ()), threads=threads or None, server=server)
-        agent = Agent(options)
+        connector = None
+        if broker:
+            from edge import settings
+            from edge.agent.fleet_link import FleetLink, FleetOptions
+            from edge.protocol.topics import Topics, check_id
+            from edge.transport.url import TlsOptions
+
+            check_id(device_id)
+            tls = TlsOptions(ca_file=ca_file, cert_file=cert_file, key_file=key_file) \
+                if (ca_file or cert_file or key_file) else None
+            connector = FleetLink(FleetOptions(
+                broker_url=broker, topics=Topics(fleet=fleet, root=topic_root), tls=tls,
+                password=settings.broker_password(), telemetry_interval=telemetry_interval,
+                download_rate=download_rate_kb * 1024 if download_rate_kb > 0 else None,
+            ))
+        agent = Agent(options, connector=connector)
 
         def listening(url: str) -> None:
             # Always printed (not a log line) so scripts and tests can find a port picked with :0.
