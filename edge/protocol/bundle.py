@@ -100,8 +100,12 @@ class BundleReader:
             self._fh.close()
             raise BundleError(f"{self.path} is not a bundle (not an uncompressed tar): {exc}") from exc
         self._members: list[tarfile.TarInfo] | None = None
-        self.manifest_bytes, self.signature_bytes = self._read_head()
-        self.manifest = parse_manifest(self.manifest_bytes)
+        try:
+            self.manifest_bytes, self.signature_bytes = self._read_head()
+            self.manifest = parse_manifest(self.manifest_bytes)
+        except BaseException:
+            self.close()  # a refused bundle must not leak its file handle
+            raise
 
     def __enter__(self) -> "BundleReader":
         return self

@@ -71,6 +71,19 @@ class LLMSpec(_Strict):
     present_key_name: str = "present.{layer}.key"
     present_value_name: str = "present.{layer}.value"
     uses_position_ids: bool = True
+    # How past KV travels between runs: "concat" (optimum's export: present = past + new, a new
+    # tensor each step, with attention_mask/position_ids inputs) or "shared-buffer" (Edge's fused
+    # graph: one [batch, kv_heads, capacity, head_dim] buffer per layer bound as past and present,
+    # appended in place by GroupQueryAttention, located by seqlens_k/total_sequence_length).
+    kv_layout: Literal["concat", "shared-buffer"] = "concat"
+    input_ids_name: str = "input_ids"
+    logits_name: str = "logits"
+    attention_mask_name: str = "attention_mask"
+    position_ids_name: str = "position_ids"
+    seqlens_k_name: str | None = None
+    total_sequence_length_name: str | None = None
+    # int64 input choosing the positions whose logits are computed (None: every position).
+    logits_index_name: str | None = None
 
 
 class ClassifierSpec(_Strict):
@@ -189,7 +202,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         raise BundleError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, Python's int digit limit, deep nesting
         raise BundleError(f"manifest is not valid JSON: {exc}") from exc
     try:
         return Manifest.model_validate(data)

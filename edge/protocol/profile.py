@@ -7,6 +7,7 @@ are errors naming the file, the key and the valid choices.
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,16 @@ from edge.protocol.enums import (
 # ONNX opsets the exporter can target: 14 is the first with the attention-friendly Trilu/Softmax
 # semantics optimum relies on; 21 is the newest ONNX Runtime 1.20+ executes on every provider.
 MIN_OPSET, MAX_OPSET = 14, 21
+
+
+# Bounded repr for values quoted in errors: YAML aliases can make a 300-byte file a structure
+# whose full repr is hundreds of megabytes (the "billion laughs").
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 class _Strict(BaseModel):
@@ -120,9 +131,11 @@ class PrecisionPlan(_Strict):
             out = []
             for item in data["fallback"]:
                 try:
+                    if not isinstance(item, str):  # Enum's own error would repr any object in full
+                        raise ValueError(item)
                     out.append(Precision(item))
                 except ValueError:
-                    raise ValueError(f"unknown fallback precision {item!r}; valid: {valid}")
+                    raise ValueError(f"unknown fallback precision {_short(item)}; valid: {valid}")
             data["fallback"] = tuple(out)
         for key in ("int8", "int4", "fp16"):
             if isinstance(data.get(key), dict):
@@ -339,7 +352,7 @@ def _format_validation(source: str, exc: ValidationError) -> str:
             valid = ", ".join(parent.model_fields) if parent else "see the docs"
             msg = f"unknown key; valid keys here: {valid}"
         elif err["type"] in ("enum", "literal_error") and "expected" in err.get("ctx", {}):
-            msg = f"invalid value {err.get('input')!r}; valid: {err['ctx']['expected']}"
+            msg = f"invalid value {_short(err.get('input'))}; valid: {err['ctx']['expected']}"
         lines.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(lines)
 
@@ -379,15 +392,40 @@ def parse_profile(data: Any, source: str = "<profile>") -> DeviceProfile:
         ) from exc
 
 
+# A profile is a few KiB of YAML; anything far larger is a mistake or an attack.
+MAX_PROFILE_BYTES = 256 * 1024
+# Real profiles nest flow collections ([...], {...}) two levels deep. PyYAML's pure-Python scanner
+# is quadratic in flow depth (5,000 '[' take seconds, 60,000 hang) before it recurses too deep.
+MAX_FLOW_DEPTH = 32
+
+
+def _flow_depth(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
 def load_profile_file(path: Path) -> DeviceProfile:
     """Load and validate one profile YAML file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot read profile: {exc}") from exc
+    if len(text) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path}: profile is {len(text)} characters, over the {MAX_PROFILE_BYTES} limit")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ProfileError(f"{path}: brackets nest deeper than {MAX_FLOW_DEPTH} levels",
+                           hint="write nested settings as indented YAML blocks")
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    # Besides YAMLError, PyYAML raises ValueError for impossible dates ("2020-99-99") and
+    # RecursionError for deep nesting.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ProfileError(f"{path}: not valid YAML: {exc}") from exc
     profile = parse_profile(data, str(path))
     if path.stem != profile.name:

@@ -140,7 +140,7 @@ def read_envelope(raw: bytes) -> dict:
         raise SignatureError(f"signature envelope is {len(raw)} bytes, over {MAX_ENVELOPE_BYTES}")
     try:
         env = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, Python's int digit limit, deep nesting
         raise SignatureError(f"signature envelope is not valid JSON: {exc}") from exc
     if (
         not isinstance(env, dict)
