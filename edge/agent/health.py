@@ -72,7 +72,7 @@ class RegistryHealthCheck:
 
     def check(self, installed: "InstalledModel") -> str:
         """Load, infer, check; return the provider."""
-        from edge.agent.validate_child import synthesize_inputs
+        from edge.agent.validate_child import exercise
 
         try:
             entry = self.registry.load(installed.name)
@@ -83,8 +83,7 @@ class RegistryHealthCheck:
         served = entry.served
         model = served.model
         try:
-            feeds = synthesize_inputs(installed.manifest, model.session)
-            outputs = model.infer(feeds)
+            outputs = exercise(model)
         except EdgeError as exc:
             raise InferenceError(f"{installed.ref}: inference failed: {exc}") from exc
         except Exception as exc:  # ORT raises untyped errors
@@ -147,11 +146,21 @@ class ChildHealthCheck:
 
 def probe(folder: Path, providers: list[tuple[str, dict[str, str]]]) -> str:
     """Load the version under ``folder`` (manifest.json + payload/), run it once, check; return the provider."""
-    from edge.agent.validate_child import synthesize_inputs
+    from edge.agent.validate_child import exercise, synthesize_inputs
     from edge.protocol.manifest import parse_manifest
     from edge.runtime.session import open_session
 
     manifest = parse_manifest((folder / "manifest.json").read_bytes())
+    if manifest.llm is not None:
+        from edge.runtime.model import load_model
+
+        model = load_model(folder / "payload", manifest, None, threads=1)
+        try:
+            outputs = exercise(model)
+        except Exception as exc:  # ORT raises untyped errors
+            raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from exc
+        check_outputs(manifest.ref, outputs)
+        return model.provider
     session = open_session(folder / "payload" / manifest.model_file, threads=1, providers=providers)
     names = [o.name for o in session.get_outputs()]
     try:

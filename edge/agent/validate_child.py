@@ -206,6 +206,8 @@ def run_trial(folder: Path, providers: list[tuple[str, dict[str, str]]]) -> dict
     manifest = parse_manifest((folder / "manifest.json").read_bytes())
     model_path = folder / "payload" / manifest.model_file
     check_external_data(model_path, manifest)
+    if manifest.llm is not None:
+        return _trial_llm(folder / "payload", manifest)
     session = open_session(model_path, threads=1, providers=providers)
     names = [o.name for o in session.get_outputs()]
     missing = [o.name for o in manifest.outputs if o.name not in names]
@@ -214,6 +216,29 @@ def run_trial(folder: Path, providers: list[tuple[str, dict[str, str]]]) -> dict
     results = session.run(names, synthesize_inputs(manifest, session))
     return {"provider": session.get_providers()[0],
             "outputs": {n: [int(d) for d in getattr(r, "shape", ())] for n, r in zip(names, results)}}
+
+
+def exercise(model: Any) -> dict[str, Any]:
+    """Run a loaded model once the way serving will: an LLM scores two tokens through its
+    generator (its KV layout needs it), any other model runs on synthesized tensors."""
+    if model.manifest.llm is not None:
+        llm = model.manifest.llm
+        first = llm.bos_token_id if llm.bos_token_id is not None else 0
+        return {"logprobs": model.score([first, first])}
+    return model.infer(synthesize_inputs(model.manifest, model.session))
+
+
+def _trial_llm(payload: Path, manifest: Any) -> dict[str, Any]:
+    """Load an LLM with the device runtime and exercise it."""
+    import numpy as np
+
+    from edge.runtime.model import load_model
+
+    model = load_model(payload, manifest, None, threads=1)
+    outputs = exercise(model)
+    if not all(np.all(np.isfinite(v)) for v in outputs.values()):
+        raise ValueError("the model produced non-finite outputs")
+    return {"provider": model.provider, "outputs": {n: [int(d) for d in v.shape] for n, v in outputs.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
