@@ -38,6 +38,7 @@ class Candidate:
     folder: Path
     precision: Precision
     settings: dict[str, Any]
+    specs: dict[str, Any] = field(default_factory=dict)  # manifest fields overriding Exported.specs
 
 
 # What a candidate generator receives back: the metrics and whether the gate passed.

@@ -99,7 +99,8 @@ def _draft_manifest(req: "ExportRequest", source: Source, exported: Exported, ca
     files = describe_payload(payload, roles)
     model_bytes = sum(f.size for f in files if f.role in ("model", "external_data"))
     min_ram = model_bytes // (1 << 20) + RUNTIME_OVERHEAD_MB
-    llm = exported.specs.get("llm")
+    specs = {**exported.specs, **candidate.specs}
+    llm = specs.get("llm")
     if llm is not None:  # a full-length KV cache: 2 (K,V) x layers x kv heads x head dim x context
         bytes_per = 2 if llm.kv_dtype == "float16" else 4
         min_ram += (2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * llm.max_context * bytes_per) >> 20
@@ -124,7 +125,7 @@ def _draft_manifest(req: "ExportRequest", source: Source, exported: Exported, ca
         ),
         fidelity=FidelityReport(passed=False, metrics={}, thresholds={}, samples=0),
         created_at=now,
-        **exported.specs,
+        **specs,
     )
 
 
