@@ -60,9 +60,11 @@ def test_restart_mid_rollout_resumes_and_loses_nothing(tmp_path: Path, db_url: s
     svc = start_service(tmp_path / "ctl", db_url, broker.url, key_pair)
     try:
         c = api(svc)
-        st = wait_for(lambda: (s := rollout_state(c, rid))["devices"].get("notified") == 2 and s, timeout=60,
-                      what="the second wave after the restart")
-        assert st["state"] == "deploying" and st["devices"]["committed"] == 1
+        # The rollout row and its device counts are two reads: wait until both show the second
+        # wave (under load the counts can be read just after the ticker moved soaking -> deploying).
+        st = wait_for(lambda: (s := rollout_state(c, rid))["devices"].get("notified") == 2
+                      and s["state"] == "deploying" and s, timeout=60, what="the second wave after the restart")
+        assert st["devices"]["committed"] == 1
         for d in devices:
             d.wait_desired("tiny", "2.0.0")
             if d is not dev:
