@@ -19,28 +19,12 @@ from edge.protocol.signing import TrustStore
 from edge.runtime.encoder import EncoderModel
 from edge.runtime.model import load_model
 from exporters.samples import sample_texts
+from tests.fixtures.offline import _offline, _one_torch_thread  # noqa: F401  (autouse fixtures)
 from tests.fixtures.tiny_encoders import (
     LABELS, OUTLIER_NODE, ST_MAX_SEQ_LENGTH, TinyEncoders, shared_bundle, shared_tiny_encoders, torch_embeddings,
 )
 
 CPU_PROFILES = ("generic-cpu", "x86-avx2", "x86-avx512-vnni", "raspberry-pi-5")
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The source models are tiny: extra torch threads only contend on shared CI cores.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -22,28 +22,12 @@ from edge.protocol.signing import TrustStore
 from edge.runtime.generator import GenerationParams, LLMModel
 from edge.runtime.model import load_model
 from tests.fixtures.tiny_llms import TinyLLMs, tiny_llms, torch_greedy
+from tests.fixtures.offline import _offline, _one_torch_thread  # noqa: F401  (autouse fixtures)
 
 CPU_PROFILES = ("generic-cpu", "x86-avx2", "x86-avx512-vnni", "raspberry-pi-5")
 # A prompt the tiny models learned: they answer it with high confidence, so int4 keeps the answer.
 LEARNED = "What is the capital of France?"
 ANSWER = "The capital of France is Paris."
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The source models here are tiny: extra torch threads only contend on shared CI cores.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,26 +14,10 @@ from edge.runtime.generator import GenerationEvent, GenerationParams, LLMModel
 from edge.runtime.model import load_model
 from edge.runtime.textstream import IncrementalDetokenizer, StopMatcher
 from tests.fixtures.tiny_llms import TinyLLMs, tiny_llms, torch_greedy
+from tests.fixtures.offline import _offline, _one_torch_thread  # noqa: F401  (autouse fixtures)
 
 LEARNED = "What is the capital of France?"
 EMOJI = "Write a short greeting with an emoji."
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The source models here are tiny: extra torch threads only contend on shared CI cores.
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
