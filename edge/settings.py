@@ -31,6 +31,10 @@ def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
 
 
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def _url(raw: str) -> str:
     url = raw.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -64,8 +68,8 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar("EDGE_LOG_LEVEL", "Log level of the CLI and the agent.", "WARNING", _level),
         EnvVar(
             "EDGE_FAULT_POINT",
-            "Test seam: the model store kills its own process (SIGKILL) on reaching this named step "
-            "(see edge.agent.faults.FAULT_POINTS); empty in production.",
+            "Test seam: the agent (store, outbox, deployments) kills its own process (SIGKILL) on "
+            "reaching this named step (see edge.agent.faults.FAULT_POINTS); empty in production.",
             "",
             str,
         ),
@@ -85,6 +89,13 @@ VARIABLES: dict[str, EnvVar] = {
         EnvVar("EDGE_FLEET_DB", "Database URL of `edge fleet serve` (default: SQLite in its data folder).", None, str),
         EnvVar("EDGE_FLEET_BROKER", "MQTT broker URL of `edge fleet serve` (default: an embedded broker).", None, str),
         EnvVar("EDGE_FLEET_DATA", "Data folder of `edge fleet serve` (database, bundles).", "~/.edge/fleet", _path),
+        EnvVar(
+            "EDGE_REVOKED_KEYS",
+            "Signing keys refused even when trusted, comma-separated key ids or public key files; "
+            "added to --revoked-key of `edge agent run`, `edge flash` and `edge fleet serve`.",
+            "",
+            _list,
+        ),
         EnvVar(
             "EDGE_BROKER_PASSWORD",
             "MQTT broker password when the broker URL names a user but no password "
@@ -175,3 +186,8 @@ def fault_point() -> str:
 def broker_password() -> str | None:
     """Return the MQTT broker password from the environment, if set."""
     return get("EDGE_BROKER_PASSWORD")  # type: ignore[return-value]
+
+
+def revoked_keys() -> tuple[str, ...]:
+    """Return the revoked signing keys from the environment (key ids or key files, unresolved)."""
+    return get("EDGE_REVOKED_KEYS")  # type: ignore[return-value]

@@ -98,7 +98,11 @@ def seal_tree(root: Path) -> None:
     """
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            os.chmod(os.path.join(dirpath, name), FILE_MODE)  # regular files only: extract writes no links
+            path = os.path.join(dirpath, name)
+            # Files sealed already are left alone: a chmod, even to the same mode, changes the
+            # ctime the store recorded as the file's identity when it hashed the file.
+            if stat.S_IMODE(os.lstat(path).st_mode) != FILE_MODE:
+                os.chmod(path, FILE_MODE)  # regular files only: extract writes no links
         fsync_dir(Path(dirpath))
         if Path(dirpath) != root:
             os.chmod(dirpath, DIR_MODE)

@@ -2,8 +2,11 @@
 
 The bundle file is opened once and every check and every byte comes from that one open file;
 payload bytes are hashed while they are written into ``staging/<id>/``, so nothing can swap
-the file between the check and the use (RAUC CVE-2020-25860). The staging folder is made
-read-only and renamed into ``models/`` only after a child process has loaded the model.
+the file between the check and the use (RAUC CVE-2020-25860). Each payload file is made
+read-only and fingerprinted (:func:`~edge.agent.versions.file_identity`) on the descriptor
+that wrote it; after the child process has loaded the model the fingerprints are compared
+again (a changed file is hashed again) and recorded in ``install.json`` for every later load,
+and only then is the folder renamed into ``models/``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from typing import TYPE_CHECKING
 
 from edge.agent import faults
 from edge.agent.compatibility import check_budgets, check_fit, check_validity
-from edge.agent.files import dump_json, ensure_dir, fsync_dir, remove_tree, seal_tree, tree_bytes, write_new
+from edge.agent.files import (
+    FILE_MODE, dump_json, ensure_dir, fsync_dir, remove_tree, seal_tree, tree_bytes, write_new,
+)  # fmt: skip
 from edge.agent.journal import InstallState, Ticket, now_iso
 from edge.agent.record import read_record
 from edge.agent.versions import (
-    INSTALL_FILE, MANIFEST_FILE, PAYLOAD_DIR, SIGNATURE_FILE, InstalledModel, read_manifest,
+    INSTALL_FILE, MANIFEST_FILE, PAYLOAD_DIR, SIGNATURE_FILE, InstalledModel, check_payload, file_identity,
+    read_manifest,
 )  # fmt: skip
 from edge.errors import BundleError, CompatibilityError, EdgeError, ResourceError, StoreError
 from edge.protocol.bundle import BundleReader
@@ -115,10 +121,16 @@ def stage(store: "Store", reader: BundleReader, ticket: Ticket) -> None:
 
     m = reader.manifest
     staging = store.staging_dir / ticket.id
+    identities: dict[str, list[int]] = {}
+
+    def seal(path: str, fd: int) -> None:  # on the descriptor that wrote the hashed bytes
+        os.fchmod(fd, FILE_MODE)
+        identities[path] = file_identity(os.fstat(fd))
+
     try:
         os.mkdir(staging, 0o755)
         fsync_dir(store.staging_dir)
-        reader.extract(staging / PAYLOAD_DIR, None)  # hashes while writing; signature checked above
+        reader.extract(staging / PAYLOAD_DIR, None, seal)  # hashes while writing; signature checked above
         write_new(staging / MANIFEST_FILE, reader.manifest_bytes)
         if reader.signature_bytes is not None:
             write_new(staging / SIGNATURE_FILE, reader.signature_bytes)
@@ -129,8 +141,11 @@ def stage(store: "Store", reader: BundleReader, ticket: Ticket) -> None:
     store.journal.advance(ticket, InstallState.EXTRACTED)
     providers = store.providers()
     report = validate_in_child(staging, m, providers, store.validate_timeout_s, memory_cap_mb(m, providers))
+    # Anything that replaced or wrote a payload file since it was hashed (while the child
+    # loaded it, say) is caught here: the file is hashed again and refused unless it matches.
+    identities = check_payload(staging / PAYLOAD_DIR, m, identities=identities)
     meta = {"key_id": ticket.entry.key_id, "installed_at": now_iso(), "bundle": Path(ticket.entry.bundle).name,
-            "validation": report.to_dict()}
+            "validation": report.to_dict(), "files": identities}
     try:
         write_new(staging / INSTALL_FILE, dump_json(meta))
         seal_tree(staging)  # files read-only, every folder fsynced

@@ -23,6 +23,10 @@ Checks at open and on every read are cheap (file types and sizes, nothing extra,
 parse); payload hashes are computed once, at install, from the bytes written. Re-hashing a
 1 GB model at every boot would cost seconds on an SD card, while the files are read-only and
 written by nobody else; :meth:`Store.verify` (``edge models verify``) re-hashes on demand.
+Install also records each payload file's identity (inode, size, mtime, ctime, taken from the
+descriptor that wrote and hashed it): before the commit and before every load, a file whose
+identity changed (replaced, written, or its mode changed: the kernel updates ctime, nobody
+can set it back) is hashed again, so what is loaded is what was hashed.
 
 Health: :meth:`Store.begin_load` counts loads of a version no health check has confirmed yet
 and rolls back after :data:`MAX_LOAD_ATTEMPTS`; :meth:`Store.mark_unhealthy` rolls back at
@@ -155,10 +159,11 @@ class Store:
         found = [p.name for p in folder.iterdir() if p.is_dir() and re.match(VERSION_PATTERN, p.name)]
         return sorted(found, key=version_key)
 
-    def read_installed(self, name: str, version: str, *, full: bool = False) -> InstalledModel:
-        """Read one version after checking its files (sizes; hashes too when ``full``)."""
+    def read_installed(self, name: str, version: str, *, full: bool = False, recheck: bool = False) -> InstalledModel:
+        """Read one version after checking its files (sizes; hashes too when ``full``, or with
+        ``recheck`` of the files changed since install)."""
         try:
-            return read_version(self.version_dir(name, version), name, version, full=full)
+            return read_version(self.version_dir(name, version), name, version, full=full, recheck=recheck)
         except NotFoundError:
             known = ", ".join(self.versions(name)) or "none"
             raise NotFoundError(f"{name}@{version} is not installed", hint=f"installed versions: {known}") from None
@@ -289,6 +294,28 @@ class Store:
                 raise os_error(f"cannot remove {name}@{version}", exc) from exc
             self.drop_if_empty(name)
 
+    def uninstall(self, name: str) -> list[str]:
+        """Stop serving ``name`` and delete every installed version; return the versions deleted.
+
+        The record is rewritten without an active version first (the commit point: from then
+        on nothing serves the model, even after a crash), then each version goes as in
+        :meth:`remove`. Running it again finishes an interrupted one; nothing installed is a no-op.
+        """
+        if not re.match(NAME_PATTERN, name):
+            raise NotFoundError(f"invalid model name {name!r}")
+        with self.locked():
+            versions = self.versions(name)
+            rec = read_record(self.model_dir(name))
+            if rec is not None and rec.active is not None:
+                rec.note("deactivated", rec.active)
+                rec.active = None
+                self.write_record(rec)
+            for version in versions:
+                self.remove(name, version)
+            if os.path.lexists(self.model_dir(name)):
+                self.drop_if_empty(name)
+            return versions
+
     def drop_if_empty(self, name: str) -> None:
         """Delete a model's folder once it holds no version and no active pointer."""
         rec = read_record(self.model_dir(name))
@@ -303,7 +330,8 @@ class Store:
         Call it before loading, and :meth:`mark_healthy` once the model answers. Each call for
         a version not yet confirmed counts one attempt, persisted before the load, so loads that
         crash the agent are counted too; past :data:`MAX_LOAD_ATTEMPTS` the version is marked
-        failed and the previous one is tried instead.
+        failed and the previous one is tried instead. A version whose files changed since
+        install, or signed by a key revoked since, is marked failed the same way.
         """
         with self.locked():
             rec = self._record(name)
@@ -311,9 +339,14 @@ class Store:
             if active is None or active in rec.failed:
                 return None
             try:
-                inst = self.read_installed(name, active)
+                # What is loaded next must be what was hashed at install: a file replaced or
+                # written since then is hashed again here (the others cost one lstat).
+                inst = self.read_installed(name, active, recheck=True)
             except (IntegrityError, NotFoundError) as exc:
                 self._auto_rollback(rec, f"damaged: {exc}")
+                return self.begin_load(name)
+            if inst.key_id is not None and inst.key_id in self.trust.revoked:
+                self._auto_rollback(rec, f"signed by revoked key {inst.key_id}")
                 return self.begin_load(name)
             if active not in rec.healthy:
                 if rec.attempts.get(active, 0) >= MAX_LOAD_ATTEMPTS:

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edge import settings
-from edge.errors import ModelValidationError
+from edge.errors import ModelValidationError, UnsafePathError
 from edge.protocol.manifest import Manifest
 
 # Output kept from a failing child: enough for ORT's message, bounded for a flood of logs.
@@ -132,7 +132,10 @@ def check_external_data(model_path: Path, manifest: Manifest) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        check_payload_name(location)  # no absolute paths, no '..', no backslashes
+        try:
+            check_payload_name(location)  # no absolute paths, no '..', no backslashes
+        except UnsafePathError as exc:
+            raise ValueError(f"tensor {tensor.name!r} reads external data outside the payload: {exc}") from None
         rel = (base / location).as_posix()
         if rel not in listed:
             raise ValueError(f"tensor {tensor.name!r} reads external data {location!r}, which the manifest does not list")

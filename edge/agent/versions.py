@@ -14,6 +14,7 @@ Checks are cheap by default (every file a regular file of the manifest's size, n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 from edge.agent.files import read_json
 from edge.errors import BundleError, IntegrityError, NotFoundError, StoreError
-from edge.protocol.bundle import sha256_file
+from edge.protocol.bundle import CHUNK
 from edge.protocol.manifest import Manifest, parse_manifest
 
 MANIFEST_FILE = "manifest.json"
@@ -90,8 +91,12 @@ def read_manifest(root: Path) -> Manifest:
     return parse_manifest((root / MANIFEST_FILE).read_bytes())
 
 
-def read_version(root: Path, name: str, version: str, *, full: bool = False) -> InstalledModel:
-    """Read and check the version folder ``root``; raise IntegrityError when it is damaged."""
+def read_version(root: Path, name: str, version: str, *, full: bool = False, recheck: bool = False) -> InstalledModel:
+    """Read and check the version folder ``root``; raise IntegrityError when it is damaged.
+
+    ``recheck`` hashes again every payload file whose identity differs from the one recorded
+    at install (see :func:`file_identity`).
+    """
     try:
         st = os.lstat(root)
     except FileNotFoundError:
@@ -105,15 +110,28 @@ def read_version(root: Path, name: str, version: str, *, full: bool = False) -> 
         raise IntegrityError(f"{name}@{version}: manifest or install record unreadable: {exc}") from exc
     if (manifest.name, manifest.version) != (name, version):
         raise IntegrityError(f"{name}@{version}: its folder holds {manifest.ref}")
-    check_payload(root / PAYLOAD_DIR, manifest, full=full)
+    recorded = meta.get("files") if recheck and isinstance(meta, dict) else None
+    check_payload(root / PAYLOAD_DIR, manifest, full=full,
+                  identities=recorded if isinstance(recorded, dict) else None)
     return InstalledModel(name, version, root / PAYLOAD_DIR, manifest, meta.get("key_id"),
                           str(meta.get("installed_at", "")))
 
 
-def check_payload(payload: Path, manifest: Manifest, *, full: bool = False) -> None:
-    """Compare a payload folder with its manifest: regular files only, sizes, hashes if ``full``."""
+def file_identity(st: os.stat_result) -> list[int]:
+    """Return what changes whenever a file's bytes or the file itself change: inode, size, mtime
+    and ctime (a write, a replacement or a chmod each change one; user code cannot set ctime)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def check_payload(payload: Path, manifest: Manifest, *, full: bool = False,
+                  identities: dict[str, Any] | None = None) -> dict[str, list[int]]:
+    """Compare a payload folder with its manifest: regular files only, sizes, hashes if ``full``.
+
+    With ``identities`` (path -> :func:`file_identity` recorded when the file was verified),
+    a file whose identity differs is hashed again. Return the identity of every file checked.
+    """
     expected = {f.path: f for f in manifest.files}
-    seen: set[str] = set()
+    seen: dict[str, list[int]] = {}
     for dirpath, dirnames, filenames in os.walk(payload):
         for name in (*dirnames, *filenames):
             path = Path(dirpath) / name
@@ -128,12 +146,33 @@ def check_payload(payload: Path, manifest: Manifest, *, full: bool = False) -> N
                 raise IntegrityError(f"{manifest.ref}: payload holds {rel!r}, which its manifest does not list")
             if st.st_size != entry.size:
                 raise IntegrityError(f"{manifest.ref}: payload {rel!r} is {st.st_size} bytes, manifest says {entry.size}")
-            if full and sha256_file(path) != entry.sha256:
-                raise IntegrityError(f"{manifest.ref}: payload {rel!r} does not match its SHA-256")
-            seen.add(rel)
-    missing = sorted(set(expected) - seen)
+            changed = identities is not None and identities.get(rel) != file_identity(st)
+            if full or changed:
+                _rehash(path, st, entry.sha256, f"{manifest.ref}: payload {rel!r}",
+                        " (it changed after it was verified)" if changed else "")
+            seen[rel] = file_identity(st)
+    missing = sorted(set(expected) - set(seen))
     if missing:
         raise IntegrityError(f"{manifest.ref}: payload file(s) missing: {', '.join(missing)}")
+    return seen
+
+
+def _rehash(path: Path, st: os.stat_result, sha256: str, what: str, why: str) -> None:
+    """Hash the file ``st`` describes; the descriptor must show that same, unchanging file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise IntegrityError(f"{what} cannot be read: {exc}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        before = file_identity(os.fstat(fd))
+        h = hashlib.sha256()
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            h.update(chunk)
+        after = file_identity(os.fstat(fd))
+    if before != file_identity(st) or after != before:
+        raise IntegrityError(f"{what} changed while it was being checked")
+    if h.hexdigest() != sha256:
+        raise IntegrityError(f"{what} does not match its SHA-256{why}")
 
 
 def version_status(root: Path, name: str, version: str, **flags: Any) -> VersionStatus:

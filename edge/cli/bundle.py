@@ -11,7 +11,7 @@ from edge import settings
 from edge.cli.output import emit, stdout
 from edge.errors import ConfigError
 from edge.protocol.bundle import BundleReader, resign_bundle, verify_bundle
-from edge.protocol.signing import SigningKey, TrustStore, load_signing_key
+from edge.protocol.signing import SigningKey, TrustStore, load_signing_key, resolve_revoked
 
 
 def default_key_path() -> Path:
@@ -24,14 +24,20 @@ def resolve_signing_key(path: Path | None) -> SigningKey:
     return load_signing_key(path or default_key_path())
 
 
-def trust_from(paths: list[Path] | None) -> TrustStore:
-    """Build the trust store from --trusted-key options (the default public key when none)."""
+def trust_from(paths: list[Path] | None, revoked: list[str] | None = None) -> TrustStore:
+    """Build the trust store from --trusted-key options (the default public key when none),
+    refusing the --revoked-key keys and those of $EDGE_REVOKED_KEYS."""
     if not paths:
         default = default_key_path().with_suffix(".pub")
         if not default.exists():
             raise ConfigError("no trusted key given", hint="pass --trusted-key PUB (from `edge keys generate`)")
         paths = [default]
-    return TrustStore.from_files(list(paths))
+    return TrustStore.from_files(list(paths), revoked_from(revoked))
+
+
+def revoked_from(values: list[str] | None) -> frozenset[str]:
+    """Return the key ids of --revoked-key options and $EDGE_REVOKED_KEYS."""
+    return resolve_revoked([*(values or ()), *settings.revoked_keys()])
 
 
 def register(app: typer.Typer) -> None:

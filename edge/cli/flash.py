@@ -19,13 +19,14 @@ from edge.cli.output import emit, info, stdout
 STORE_HELP = "Data folder of the model store (the device's, or a mounted SD card)."
 
 
-def open_store(data: Path, profile: str | None, trusted_keys: list[Path] | None, *, create: bool):
+def open_store(data: Path, profile: str | None, trusted_keys: list[Path] | None, *, create: bool,
+               revoked_keys: list[str] | None = None):
     """Open the store in ``data`` for a CLI command (the profile comes from the store)."""
     from edge import settings
     from edge.agent.compatibility import DeviceFacts
     from edge.agent.device import resolve_profile, stored_profile_name
     from edge.agent.store import Store
-    from edge.cli.bundle import trust_from
+    from edge.cli.bundle import revoked_from, trust_from
     from edge.errors import NotFoundError
     from edge.protocol.catalog import load_catalog
     from edge.protocol.signing import TrustStore
@@ -39,8 +40,9 @@ def open_store(data: Path, profile: str | None, trusted_keys: list[Path] | None,
         if not facts.local:
             info(f"flashing for a {chosen.architecture.value} device from {platform.machine()}: "
                  f"providers come from profile {chosen.name}, the trial load runs on this CPU")
-    # Reading, activating and removing need no keys: they act on versions verified at install.
-    trust = trust_from(trusted_keys) if create else TrustStore()
+    # Reading, activating and removing need no keys: they act on versions verified at install
+    # (but a revoked key still blocks activating its versions).
+    trust = trust_from(trusted_keys, revoked_keys) if create else TrustStore(revoked=revoked_from(revoked_keys))
     return Store(data, chosen, trust, device=facts)
 
 
@@ -55,11 +57,14 @@ def register(app: typer.Typer) -> None:
             "auto", "--profile", help="Device profile of a new store, or 'auto' (the store's own, else detected)."),
         trusted_key: Optional[List[Path]] = typer.Option(
             None, "--trusted-key", help="Trusted public key (repeatable; default $EDGE_HOME/keys/edge.pub)."),
+        revoked_key: Optional[List[str]] = typer.Option(
+            None, "--revoked-key", help="Key id or public key file whose signatures are refused (repeatable; "
+            "adds to $EDGE_REVOKED_KEYS)."),
         no_activate: bool = typer.Option(False, "--no-activate", help="Install without making it the active version."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Verify a bundle and install it into a model store, offline."""
-        store = open_store(data, profile, trusted_key, create=True)
+        store = open_store(data, profile, trusted_key, create=True, revoked_keys=revoked_key)
         try:
             info(f"installing {bundle.name} into {store.root} (profile {store.profile.name})")
             inst = store.install(bundle, activate=not no_activate)

@@ -22,7 +22,7 @@ import tarfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from edge.errors import BundleError, IntegrityError, ResourceError, SignatureError, UnsafePathError
 from edge.protocol.manifest import FileEntry, Manifest, parse_manifest
@@ -228,10 +228,14 @@ class BundleReader:
             self._copy(member, entry, None)
         return VerifiedBundle(self.manifest, self.manifest_bytes, kid)
 
-    def extract(self, target: Path, trust: TrustStore | None) -> VerifiedBundle:
+    def extract(self, target: Path, trust: TrustStore | None,
+                on_file: Callable[[str, int], None] | None = None) -> VerifiedBundle:
         """Verify and write the payload into the empty folder ``target``, hashing while writing.
 
-        On any error the files written so far are removed; ``target`` itself is left empty.
+        ``on_file(path, fd)`` runs for each file once its bytes matched their hash, on the
+        descriptor that wrote them, before it is fsynced and closed (the store seals and
+        fingerprints the file there). On any error the files written so far are removed;
+        ``target`` itself is left empty.
         """
         kid = self.check_signature(trust) if trust is not None else None
         target = Path(target)
@@ -247,6 +251,8 @@ class BundleReader:
                 with os.fdopen(fd, "wb") as out:
                     self._copy(member, entry, out)
                     out.flush()
+                    if on_file is not None:
+                        on_file(entry.path, out.fileno())
                     os.fsync(out.fileno())
         except OSError as exc:
             _remove_all(target)
