@@ -19,6 +19,7 @@ and an ``exit_code`` for the CLI, which is the one place that catches them::
     ├── CompatibilityError          incompatible          6
     ├── StoreError                  store_error           7
     ├── ResourceError               resource_exhausted    8
+    │   └── OverloadError           overloaded            8
     ├── InferenceError              inference_failed      9
     │   ├── RequestError            request_invalid       9
     │   └── UnavailableError        model_unavailable     9
@@ -156,6 +157,16 @@ class ResourceError(EdgeError):
 
     code = "resource_exhausted"
     exit_code = 8
+
+
+class OverloadError(ResourceError):
+    """Too many requests from one client, or in flight at once: retry after ``retry_after_s``."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 class InferenceError(EdgeError):

@@ -66,7 +66,8 @@ def start_controller(data: Path, token: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "EDGE_FLEET_ADMIN_TOKEN": token, "EDGE_HOME": str(data / "home")}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "edge.cli.main", "fleet", "serve", "--data", str(data),
-                                 "--port", "0", "--mqtt-port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "--port", "0", "--mqtt-port", "0", "--rate-limit", "0"],  # timed, not throttled
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         m = re.search(r"edge fleet: api (\S+)", log.read_text(errors="replace"))

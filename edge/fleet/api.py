@@ -9,7 +9,6 @@ status of the error class (404 not found, 409 conflict, 401/403 auth, 400/422 ba
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -32,12 +31,14 @@ from edge.errors import (
     EdgeError,
     ForbiddenError,
     NotFoundError,
+    OverloadError,
     ResourceError,
     StoreError,
 )
-from edge.fleet import auth, commands, registry
+from edge.fleet import auth, commands, registry, removal
 from edge.fleet.artifacts import ArtifactStore, file_response
 from edge.fleet.auth import Principal, Role
+from edge.fleet.bodies import read_json
 from edge.fleet.db import Clock, Database, now
 from edge.fleet.desired import DesiredPublisher
 from edge.fleet.plan import parse_spec
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20
 STATUS_OF: tuple[tuple[type[EdgeError], int], ...] = (
     (NotFoundError, 404), (ConflictError, 409), (BundleError, 422), (ConfigError, 400),
-    (ResourceError, 413), (StoreError, 503),
+    (OverloadError, 429), (ResourceError, 413), (StoreError, 503),
 )
 
 
@@ -81,6 +82,8 @@ def error_response(exc: EdgeError) -> JSONResponse:
                 status = code
                 break
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    if isinstance(exc, OverloadError):
+        headers = {"retry-after": str(exc.retry_after_s)}
     return JSONResponse({"error": exc.to_dict()}, status_code=status, headers=headers)
 
 
@@ -111,18 +114,7 @@ def guarded(role: Role | None) -> Callable[[Handler], Callable[[Request], Awaita
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_JSON_BYTES:
-        raise ResourceError(f"request body over {MAX_JSON_BYTES} bytes")
-    if not body:
-        return {}
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError("request body must be a JSON object")
-    return data
+    return await read_json(request, MAX_JSON_BYTES)
 
 
 def _int(request: Request, name: str, default: int) -> int:
@@ -299,6 +291,9 @@ async def upload_bundle(request: Request, _: Principal) -> Response:
     """POST /api/v1/bundles: upload a signed bundle (the body), verified before it is stored."""
     ctx = _ctx(request)
     store = ctx.store
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > store.max_bytes:  # refused before a byte is spooled
+        raise ResourceError(f"upload of {declared} bytes is over the {store.max_bytes}-byte limit")
     tmp = store.spool_path()
     h, size = hashlib.sha256(), 0
     try:
@@ -411,6 +406,16 @@ def _action_route(event: RolloutEvent) -> Callable[[Request], Awaitable[Response
     return act
 
 
+@guarded(Role.ADMIN)
+async def undeploy(request: Request, _: Principal) -> dict[str, Any]:
+    """POST /api/v1/undeploy: take a model off a target or named devices (edge.fleet.removal)."""
+    ctx = _ctx(request)
+    spec = removal.parse_removal(await _json(request))
+    out = await _sync(removal.remove_model, ctx.db, spec)
+    ctx.wake()  # publish the new desired state now
+    return out
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -465,10 +470,18 @@ def create_app(ctx: ApiContext, extra_routes: Sequence[BaseRoute] = ()) -> Starl
         Route(r + "/devices", rollout_devices),
         *(Route(f"{r}/{e.value}", _action_route(e), methods=["POST"])
           for e in (RolloutEvent.PAUSE, RolloutEvent.RESUME, RolloutEvent.ABORT, RolloutEvent.ROLLBACK)),
+        Route("/api/v1/undeploy", undeploy, methods=["POST"]),
         Route("/api/v1/tokens", list_tokens, methods=["GET"]),
         Route("/api/v1/tokens", create_token, methods=["POST"]),
         Route("/api/v1/tokens/{token_id}", revoke_token, methods=["DELETE"]),
     ]
-    app = Starlette(routes=[*routes, *extra_routes])
+    app = Starlette(routes=[*routes, *extra_routes], exception_handlers={ClientDisconnect: _client_left})
     app.state.ctx = ctx
     return app
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    # The client went away, or edge.web cut it off as too slow, before its body was in: nobody
+    # hears an answer, and it is not a server error worth a traceback.
+    log.info("%s %s: the client left before its request body was complete", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request"; never sent

@@ -6,6 +6,7 @@ Error responses come back as the same error classes the controller raised (by th
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +17,10 @@ from edge.errors import AuthError, ConnectError, EdgeError, TransportError, all_
 # Reads answer in milliseconds; uploads of large bundles need longer, set per call.
 TIMEOUT_S = 30.0
 UPLOAD_TIMEOUT_S = 3600.0
+# A 429 (the controller's rate limit) is retried after its Retry-After this many times, so a
+# script that bursts slows down instead of failing; longer waits than RETRY_MAX_S are not worth it.
+RETRIES = 5
+RETRY_MAX_S = 30.0
 
 
 def _error_from(response: httpx.Response) -> EdgeError:
@@ -28,6 +33,17 @@ def _error_from(response: httpx.Response) -> EdgeError:
         if cls.code == code:
             return cls(message, hint=hint)
     return EdgeError(message, hint=hint)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Return the seconds to wait before retrying a 429, or None when it is not worth a retry."""
+    if response.status_code != 429:
+        return None
+    try:
+        wait = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        return None
+    return wait if 0 <= wait <= RETRY_MAX_S else None
 
 
 class ControllerClient:
@@ -50,13 +66,14 @@ class ControllerClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request; return its JSON (None for 204), or raise the controller's error."""
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ConnectError(f"the controller at {self.base_url} did not answer in time: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise ConnectError(f"cannot reach the controller at {self.base_url}: {exc}",
-                               hint="is `edge fleet serve` running? set --controller or EDGE_CONTROLLER") from exc
+        retries = 0 if "content" in kwargs else RETRIES  # a streamed body cannot be sent twice
+        while True:
+            response = self._send(method, path, **kwargs)
+            wait = _retry_after(response)
+            if wait is None or retries == 0:
+                break
+            retries -= 1
+            time.sleep(wait)
         if response.status_code >= 400:
             err = _error_from(response)
             if isinstance(err, AuthError) and not self._http.headers.get("authorization"):
@@ -65,6 +82,15 @@ class ControllerClient:
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ConnectError(f"the controller at {self.base_url} did not answer in time: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise ConnectError(f"cannot reach the controller at {self.base_url}: {exc}",
+                               hint="is `edge fleet serve` running? set --controller or EDGE_CONTROLLER") from exc
 
     def get(self, path: str, **params: Any) -> Any:
         """GET with query parameters (None values left out)."""

@@ -8,12 +8,13 @@ deduplicates on it); telemetry also carries a per-device ``seq``.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from enum import Enum
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from edge.errors import TransportError
 from edge.protocol.manifest import NAME_PATTERN, VERSION_PATTERN
@@ -36,8 +37,30 @@ class MessageType(str, Enum):
     RESPONSE = "response"
 
 
+# NaN and Infinity mean nothing in any field of ours, and encode() would write them as null (so a
+# message carrying one could not be re-encoded as itself): refuse them when decoding.
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """Return ``value`` if no float inside it is NaN or infinite (for free-form ``Any`` fields)."""
+    stack = [value]  # iterative: decoded JSON may nest as deep as json.loads allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN and Infinity are not allowed")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return value
+
+
+Finite = Annotated[Any, AfterValidator(_finite)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
 
 class Capabilities(_Body):
@@ -159,7 +182,7 @@ class CommandMessage(_Body):
 
     type: Literal["command"] = "command"
     command: Literal["deploy", "rollback", "restart", "set-config", "ping"]
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: dict[str, Finite] = Field(default_factory=dict)
     expires_at: float | None = None
 
 
@@ -169,7 +192,7 @@ class Response(_Body):
     type: Literal["response"] = "response"
     command_id: str
     ok: bool
-    result: dict[str, Any] = Field(default_factory=dict)
+    result: dict[str, Finite] = Field(default_factory=dict)
     error: str | None = None
     error_code: str | None = None
 
@@ -180,7 +203,7 @@ Body = Union[Status, Telemetry, Event, Reported, Desired, CommandMessage, Respon
 class Envelope(BaseModel):
     """The versioned wrapper of every message."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
 
     v: Literal[1] = ENVELOPE_VERSION
     id: str = Field(min_length=1, max_length=64)

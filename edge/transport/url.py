@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from edge.errors import ConfigError
+from edge.redact import redact_url
 
 # IANA ports for MQTT over TCP and over TLS.
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -65,28 +66,29 @@ def parse_broker_url(
     password: str | None = None,
 ) -> BrokerUrl:
     """Parse a broker URL, merging explicit TLS options and credentials; raise ConfigError."""
+    shown = redact_url(url)  # errors quote the URL, never its password
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"invalid broker URL {url!r}: {exc}", hint="use mqtt://HOST:PORT or mqtts://HOST:PORT") from exc
+        raise ConfigError(f"invalid broker URL {shown!r}: {exc}", hint="use mqtt://HOST:PORT or mqtts://HOST:PORT") from exc
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
-        raise ConfigError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r}",
+        raise ConfigError(f"unsupported broker URL scheme {parts.scheme!r} in {shown!r}",
                           hint="use mqtt://HOST:PORT or mqtts://HOST:PORT")
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} has no host", hint="use mqtt://HOST:PORT")
+        raise ConfigError(f"broker URL {shown!r} has no host", hint="use mqtt://HOST:PORT")
     if parts.path not in ("", "/") or parts.fragment:
-        raise ConfigError(f"broker URL {url!r} has a path or fragment; a broker URL names a host and port only")
+        raise ConfigError(f"broker URL {shown!r} has a path or fragment; a broker URL names a host and port only")
     query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
     unknown = sorted(set(query) - set(QUERY_KEYS))
     if unknown:
         raise ConfigError(f"unknown broker URL option(s) {', '.join(unknown)}", hint=f"valid: {', '.join(QUERY_KEYS)}")
     if any(len(v) > 1 for v in query.values()):
-        raise ConfigError(f"broker URL {url!r} repeats an option")
+        raise ConfigError(f"broker URL {shown!r} repeats an option")
     opt = {k: v[0] for k, v in query.items()}
     if scheme == "mqtt" and (tls is not None or opt):
-        raise ConfigError(f"TLS options given for a plain mqtt:// URL {url!r}", hint="use mqtts:// for TLS")
+        raise ConfigError(f"TLS options given for a plain mqtt:// URL {shown!r}", hint="use mqtts:// for TLS")
     tls_options = None
     if scheme == "mqtts":
         from_url = TlsOptions(
@@ -99,7 +101,7 @@ def parse_broker_url(
     user = username if username is not None else (unquote(parts.username) if parts.username else None)
     secret = password if password is not None else (unquote(parts.password) if parts.password else None)
     if secret is not None and not user:
-        raise ConfigError(f"broker URL {url!r} has a password but no user name")
+        raise ConfigError(f"broker URL {shown!r} has a password but no user name")
     return BrokerUrl(scheme, parts.hostname, port or DEFAULT_PORTS[scheme], user or None, secret, tls_options)
 
 

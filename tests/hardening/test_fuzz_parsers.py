@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -247,24 +246,13 @@ def _only(allowed: type[EdgeError], fn: Callable[[], Any]) -> Any:
         return None
 
 
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
-    return True
-
-
 def check_decode(payload: bytes) -> None:
     env = _only(TransportError, lambda: decode(payload))
     if env is None:
         return
-    # Accepted: it must survive our own encoder and decode to the same thing. Known exception,
-    # pinned by test_decode_refuses_non_finite_numbers: NaN and Infinity are accepted.
-    if _finite(env.model_dump()):
-        assert decode(encode(env)) == env
+    # Accepted: it must survive our own encoder and decode to the same thing (NaN and Infinity,
+    # which the encoder would write as null, are refused: test_decode_refuses_non_finite_numbers).
+    assert decode(encode(env)) == env
 
 
 def messages_strategy() -> st.SearchStrategy[bytes]:
@@ -582,14 +570,20 @@ def test_decode_refuses_lone_surrogates_it_could_not_reencode() -> None:
     assert pair.body.command_id == "\U0001f600"  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "decode() accepts NaN/Infinity/1e999 in float fields (pydantic's allow_inf_nan default, on the fast "
-    "validate_json path too); encode() writes them as null, so e.g. ts=NaN cannot be re-encoded. Fix: "
-    "allow_inf_nan=False on the message models, once producers are checked. Remove this mark then."))
-@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"1e999"])
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
 def test_decode_refuses_non_finite_numbers(number: bytes) -> None:
-    with pytest.raises(TransportError):
+    # Found by this file: accepted (pydantic's allow_inf_nan default) and re-encoded as null.
+    with pytest.raises(TransportError, match="finite"):
         decode(envelopes()[0].replace(b'"ts":1.5', b'"ts":' + number))
+    telemetry = envelopes()[1]
+    assert b'"p50":1.0' in telemetry
+    with pytest.raises(TransportError, match="finite"):
+        decode(telemetry.replace(b'"p50":1.0', b'"p50":' + number))
+    command = envelopes()[5]
+    assert b'"n":[1,2]' in command
+    with pytest.raises(TransportError, match="NaN and Infinity"):  # free-form arguments too
+        decode(command.replace(b'"n":[1,2]', b'"n":[1,' + number + b"]"))
+    assert decode(command.replace(b'"n":[1,2]', b'"n":[1,2.5e300]')).body.args["n"] == [1, 2.5e300]  # type: ignore[union-attr]
 
 
 # --- HTTP request bodies -----------------------------------------------------------------------
@@ -683,33 +677,6 @@ def _post(client: Any, method: str, path: str, body: bytes) -> Any:
     return client.request(method, path, content=body, headers={"content-type": "application/json"})
 
 
-# Findings in code other engineers own, reported to them and pinned below as strict xfails: the
-# fuzz tests skip exactly these inputs, so anything else that answers 5xx still fails here.
-def _json_limit(body: bytes) -> bool:
-    """Valid JSON that json.loads refuses with ValueError/RecursionError (huge ints, deep nesting)."""
-    try:
-        json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    except (ValueError, RecursionError):
-        return True
-    return False
-
-
-def _lone_surrogate(body: bytes) -> bool:
-    """JSON whose strings hold lone surrogate escapes (not encodable as UTF-8)."""
-    try:
-        json.dumps(json.loads(body), ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return True
-    except (ValueError, RecursionError):
-        return False
-    return False
-
-
-CONTROLLER_KNOWN = (_json_limit, _lone_surrogate)
-
-
 @pytest.mark.parametrize("path", list(AGENT_ROUTES))
 def test_agent_http_bodies_get_4xx_never_5xx(agent_http: Any, path: str) -> None:
     @settings(max_examples=HTTP_EXAMPLES, deadline=None, database=None,
@@ -731,34 +698,32 @@ def test_controller_http_bodies_get_4xx_never_5xx(controller_http: Any, path: st
     @given(_body_strategy(template))
     def run(body: bytes) -> None:
         r = _post(controller_http, method, path, body)
-        if r.status_code >= 500 and any(known(body) for known in CONTROLLER_KNOWN):
-            return  # a reported finding, pinned by test_known_http_findings
         assert r.status_code < 500, (r.status_code, r.text[:300])
 
     run()
 
 
-CONTROLLER_JSON = "edge/fleet/api.py _json catches only JSONDecodeError/UnicodeDecodeError; catch ValueError " \
-                  "and RecursionError too (ConfigError)"
-CONTROLLER_SURROGATE = "edge/fleet/api.py _json accepts lone surrogates that SQLite cannot store; refuse them " \
-                       "(json.dumps(data, ensure_ascii=False).encode() raises UnicodeEncodeError)"
-KNOWN_HTTP = [
-    ("controller", "POST", "/api/v1/tokens", b'{"name": ' + b"9" * 5000 + b"}", CONTROLLER_JSON),
-    ("controller", "POST", "/api/v1/rollouts", b"[" * 100_000, CONTROLLER_JSON),
-    ("controller", "POST", "/api/v1/tokens", b'{"name": "\\ud800"}', CONTROLLER_SURROGATE),
-    ("controller", "POST", "/api/v1/devices/d1/commands", b'{"command": "ping", "args": {"a": "\\ud800"}}',
-     CONTROLLER_SURROGATE),
+# Found by this file in the controller's JSON bodies (edge/fleet/bodies.py now refuses them): 500s
+# from huge integers and deep nesting (ValueError/RecursionError), lone surrogates that SQLite
+# cannot store, and NaN/Infinity that no field means.
+CONTROLLER_FOUND = [
+    ("POST", "/api/v1/tokens", b'{"name": ' + b"9" * 5000 + b"}", "not usable JSON"),
+    ("POST", "/api/v1/rollouts", b"[" * 100_000, "nested too deeply"),
+    ("POST", "/api/v1/tokens", b'{"name": "\\ud800"}', "lone surrogate"),
+    ("POST", "/api/v1/devices/d1/commands", b'{"command": "ping", "args": {"a": "\\ud800"}}', "lone surrogate"),
+    ("POST", "/api/v1/devices/d1/commands", b'{"command": "ping", "ttl_s": NaN}', "NaN"),
+    ("POST", "/api/v1/devices/d1/commands", b'{"command": "ping", "args": {"a": [-Infinity]}}', "-Infinity"),
+    ("POST", "/api/v1/rollouts/r-none/pause", b'{"reason": 1e999}', "Infinity"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("app", "method", "path", "body"),
-    [pytest.param(a, m, p, b, marks=pytest.mark.xfail(strict=True, reason=why), id=f"{a}-{i}")
-     for i, (a, m, p, b, why) in enumerate(KNOWN_HTTP)],
-)
-def test_known_http_findings(request: pytest.FixtureRequest, app: str, method: str, path: str, body: bytes) -> None:
-    client = request.getfixturevalue(f"{app}_http")
-    assert _post(client, method, path, body).status_code < 500
+@pytest.mark.parametrize(("method", "path", "body", "says"), CONTROLLER_FOUND,
+                         ids=[f"controller-{i}" for i in range(len(CONTROLLER_FOUND))])
+def test_controller_hostile_bodies_get_400(controller_http: Any, method: str, path: str, body: bytes,
+                                           says: str) -> None:
+    r = _post(controller_http, method, path, body)
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    assert says in r.json()["error"]["message"]
 
 
 # Found by this file in the agent's request parsing and fixed by its owner: pinned.

@@ -116,3 +116,11 @@ def test_transport_errors_belong_to_the_one_tree() -> None:
     for cls in {*terr.ERROR_CLASSES.values(), *terr.REASON_CLASSES.values(), ConnectError, PublishError}:
         assert cls in classes and issubclass(cls, TransportError) and issubclass(cls, EdgeError)
         assert cls.exit_code == TransportError.exit_code
+
+
+@pytest.mark.parametrize("url", ["mqtt://:s3cret-pw@h", "mqtt://u:s3cret-pw@h:99999", "mqtt://u:s3cret-pw@h/topic",
+                                 "http://u:s3cret-pw@h", "mqtt://u:s3cret-pw@h?ca=/x"])
+def test_errors_quote_the_url_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_broker_url(url)
+    assert "s3cret-pw" not in str(info.value) and ":***@h" in str(info.value)

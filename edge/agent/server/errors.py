@@ -12,7 +12,7 @@ import json
 import logging
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from edge import errors as e
@@ -115,6 +115,12 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_response(request, exc.status_code, message, HTTP_CODES.get(exc.status_code, "http_error"))
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """Note a client that left (or was cut off as too slow) before its body was in; nobody hears an answer."""
+    log.info("%s %s: the client left before its request body was complete", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request": never sent, the connection is gone
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """Answer a bug with a 500 and log it; the server keeps running."""
     log.error("%s %s raised %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
@@ -123,4 +129,5 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 
 def exception_handlers() -> dict:
     """Return the handlers to install on the Starlette app."""
-    return {e.EdgeError: handle_edge_error, HTTPException: handle_http_exception, Exception: handle_unexpected}
+    return {e.EdgeError: handle_edge_error, HTTPException: handle_http_exception,
+            ClientDisconnect: handle_client_disconnect, Exception: handle_unexpected}

@@ -22,7 +22,6 @@ REST API itself; only user accounts are managed here.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from importlib import resources
@@ -39,6 +38,7 @@ from edge.errors import AuthError, ConfigError, EdgeError
 from edge.fleet import auth, registry
 from edge.fleet.api import error_response, guarded
 from edge.fleet.auth import Principal, Role
+from edge.fleet.bodies import read_json
 from edge.fleet.dashboard import queries, sessions, users
 from edge.fleet.dashboard.events import Watcher, frame
 from edge.fleet.dashboard.sessions import SessionPolicy
@@ -91,16 +91,7 @@ def _secure(request: Request) -> bool:
 
 
 async def _small_json(request: Request, limit: int = MAX_LOGIN_BYTES) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > limit:
-        raise ConfigError(f"request body over {limit} bytes")
-    try:
-        data = json.loads(body or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError("request body must be a JSON object")
-    return data
+    return await read_json(request, limit)
 
 
 def _float(request: Request, name: str, default: float) -> float:
