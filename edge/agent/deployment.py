@@ -28,7 +28,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from edge.agent.files import dump_json, read_json, write_atomic
+from edge.agent import faults
+from edge.agent.files import TMP_PREFIX, dump_json, read_json, write_atomic
 from edge.errors import ConfigError, StoreError
 from edge.protocol.messages import DesiredModel
 
@@ -108,6 +109,7 @@ class Deployment:
     previous: str | None = None  # the version active before the switch
     error: str | None = None
     error_code: str | None = None
+    announced: bool = False  # the final state's event is queued (until then a restart sends it again)
     updated: float = field(default_factory=time.time)
 
     @classmethod
@@ -173,26 +175,51 @@ class DeploymentJournal:
     """Deployment records on disk: one file per model name, plus the memory of failures."""
 
     FAILED_FILE = "failed.json"
+    # Names the desired state gave this device (what a removal may take away). The leading
+    # underscore keeps it apart from records: model names start with a letter or digit.
+    MANAGED_FILE = "_managed.json"
     # Failures remembered: plenty for a device's lifetime of rollouts, bounded for its disk.
     MAX_FAILED = 500
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        for path in self.folder.glob(f"{TMP_PREFIX}*"):  # a write the last process died in
+            path.unlink(missing_ok=True)
 
     def load(self) -> dict[str, Deployment]:
         """Return the last deployment of every model name."""
         out = {}
         for path in sorted(self.folder.glob("*.json")):
-            if path.name == self.FAILED_FILE:
+            if path.name in (self.FAILED_FILE, self.MANAGED_FILE):
                 continue
             dep = Deployment.from_dict(read_json(path), path)
             out[dep.name] = dep
         return out
 
     def save(self, dep: Deployment) -> None:
-        """Persist one record atomically."""
-        write_atomic(self.folder / f"{dep.name}.json", dump_json(dep.to_dict()))
+        """Persist one record atomically (fault points before, during and after the write)."""
+        faults.reach(f"deploy-before-{dep.state.value}")
+        write_atomic(self.folder / f"{dep.name}.json", dump_json(dep.to_dict()), _mid_write)
+        faults.reach(f"deploy-after-{dep.state.value}")
+
+    def forget(self, name: str) -> None:
+        """Delete the record of ``name`` (the model was removed from this device)."""
+        (self.folder / f"{name}.json").unlink(missing_ok=True)
+
+    def managed(self) -> set[str]:
+        """Return the model names the desired state named and no removal has taken away yet."""
+        path = self.folder / self.MANAGED_FILE
+        if not path.exists():
+            return set()
+        data = read_json(path)
+        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+            raise StoreError(f"{path} is corrupt: expected a list of model names")
+        return set(data)
+
+    def save_managed(self, names: set[str]) -> None:
+        """Persist the managed model names."""
+        write_atomic(self.folder / self.MANAGED_FILE, dump_json(sorted(names)))
 
     def failures(self) -> dict[str, str]:
         """Return remembered failures, oldest first: deployment key -> reason."""
@@ -207,4 +234,8 @@ class DeploymentJournal:
     def save_failures(self, failures: dict[str, str]) -> None:
         """Persist the memory of failures (the oldest beyond the bound are forgotten)."""
         pairs = [[k, v] for k, v in failures.items()][-self.MAX_FAILED:]
-        write_atomic(self.folder / self.FAILED_FILE, dump_json(pairs))
+        write_atomic(self.folder / self.FAILED_FILE, dump_json(pairs), _mid_write)
+
+
+def _mid_write() -> None:
+    faults.reach("deploy-mid-write")

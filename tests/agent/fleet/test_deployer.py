@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import calendar
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,8 +13,9 @@ from edge.agent.deployer import Deployer
 from edge.agent.deployment import (
     INTERRUPTIBLE, TERMINAL, TRANSITIONS, Deployment, DeploymentJournal, DeployState, in_window,
 )  # fmt: skip
+from edge.agent.health import HEALTH_TIMEOUT_S, ChildHealthCheck, RegistryHealthCheck
 from edge.errors import ConfigError, StoreError
-from edge.protocol.messages import DesiredModel, Event
+from edge.protocol.messages import Desired, DesiredModel, Event
 from tests.transport.helpers import wait_until
 
 S = DeployState
@@ -105,3 +108,56 @@ def test_an_interrupted_activation_is_finished_at_restart(tmp_path: Path, device
     assert [e.kind.value for e in events] == ["activated", "health_ok", "committed"]
     assert [m.version for m in agent.store.active()] == ["1.1.0"]
     assert deployer.deployments()["tiny"].previous == "1.0.0"
+
+
+class _SlowRegistry:
+    """A serving registry whose load of tiny@1.1.0 hangs (until released); other loads return."""
+
+    def __init__(self, store, release: threading.Event) -> None:
+        self.store, self.release = store, release
+
+    def load(self, name: str) -> SimpleNamespace:
+        inst = self.store.get(name)
+        if inst.version == "1.1.0":
+            self.release.wait(60)
+        return SimpleNamespace(version=inst.version, served=None)
+
+    def index(self) -> list[dict[str, str]]:
+        return []
+
+
+def test_a_health_check_without_an_answer_by_its_deadline_rolls_back_and_is_never_retried(device) -> None:
+    # The promise: an activated version that fails its health check is rolled back within 60 s.
+    # Both kinds of check give up at the same configured deadline (no wall clock is asserted here).
+    assert HEALTH_TIMEOUT_S <= 60
+    assert RegistryHealthCheck(None).timeout_s == ChildHealthCheck(None).timeout_s == HEALTH_TIMEOUT_S
+    agent = device("dev-1", seeded=True)  # 1.0.0 active, 1.1.0 installed
+    folder = agent.data_dir / "fleet" / "deployments"
+    DeploymentJournal(folder).save(Deployment("tiny", "1.1.0", "http://x/b", "0" * 64, 10, deployment_id="r1",
+                                              state=S.ACTIVATING))
+    release = threading.Event()
+    events: list[Event] = []
+    deployer = Deployer(agent.store, folder, RegistryHealthCheck(_SlowRegistry(agent.store, release), timeout_s=0.2),
+                        emit=events.append)
+    deployer.start()
+    try:
+        assert wait_until(lambda: deployer.deployments()["tiny"].state is S.ROLLED_BACK)
+    finally:
+        release.set()
+        deployer.stop()
+    assert [e.kind.value for e in events] == ["activated", "health_failed", "rolled_back"]
+    assert "tiny@1.1.0: no answer within 0.2 s" in events[1].detail
+    assert [m.version for m in agent.store.active()] == ["1.0.0"]
+
+    # A restart, and the controller still desires 1.1.0 for r1: the cap holds, nothing is tried again.
+    events.clear()
+    again = Deployer(agent.store, folder, _NeverCalled(), emit=events.append)
+    again.start()
+    try:
+        target = DesiredModel(version="1.1.0", bundle_url="http://x/b", sha256="0" * 64, size=10, deployment_id="r1")
+        again.desire(Desired(generation=2, models={"tiny": target}))
+        assert wait_until(lambda: again.generation == 2)  # absorbed: the deployments are decided by now
+        assert again.deployments()["tiny"].state is S.ROLLED_BACK and events == []
+    finally:
+        again.stop()
+    assert [m.version for m in agent.store.active()] == ["1.0.0"]
