@@ -6,6 +6,7 @@ as an :class:`~edge.protocol.messages.Event`. The desired state is level-trigger
 retained desired message is compared with what the store runs, so a device that was offline
 for days converges when it returns, and one that already runs the desired versions does
 nothing. A newer target for a model interrupts a deployment of it that has not switched yet.
+A model the desired state stops naming is removed (the policy is in :mod:`edge.agent.removal`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import urljoin
 from edge.agent.deployment import INTERRUPTIBLE, Deployment, DeploymentJournal, DeployState
 from edge.agent.downloader import Cancelled, download
 from edge.agent.health import HealthCheck
+from edge.agent.removal import Removals, removal_events, uninstall
 from edge.errors import DownloadError, EdgeError, IntegrityError
 from edge.protocol.bundle import BundleReader
 from edge.protocol.manifest import NAME_PATTERN
@@ -39,6 +41,9 @@ DOWNLOAD_BACKOFF = Backoff(initial=5.0, maximum=300.0)
 MAX_HEALTH_ATTEMPTS = 2
 # Seconds between looks at deployments waiting for their activation time or window.
 WAIT_POLL_S = 5.0
+# The event that tells the controller how a deployment ended: the rollout waits for it, so one
+# lost to a crash between the final state's write and its queueing is sent again at start.
+FINAL_EVENTS = {S.COMMITTED: EventKind.COMMITTED, S.ROLLED_BACK: EventKind.ROLLED_BACK, S.FAILED: EventKind.FAILED}
 
 
 class Deployer:
@@ -75,6 +80,7 @@ class Deployer:
         self._lock = threading.RLock()  # guards _jobs and _failed; held while switching versions
         self._jobs: dict[str, Deployment] = self.journal.load()
         self._failed: dict[str, str] = self.journal.failures()
+        self.removals = Removals(self.journal)
         self._cancel: dict[str, threading.Event] = {}
         self._desired: Desired | None = None
         self._requests: list[tuple[str, DesiredModel, bool]] = []
@@ -91,6 +97,14 @@ class Deployer:
             for job in self._jobs.values():
                 if not job.done:
                     log.warning("resuming the deployment of %s in state %s", job.ref, job.state.value)
+            unsent = [j for j in self._jobs.values() if j.state in FINAL_EVENTS and not j.announced]
+        for job in unsent:
+            log.warning("sending the %s event of %s again (the agent stopped before queueing it)",
+                        job.state.value, job.ref)
+            detail = f"{job.error or job.state.value} (after a restart)"
+            self._emit(Event(kind=FINAL_EVENTS[job.state], model=job.name, version=job.version,
+                             deployment_id=job.deployment_id, detail=detail, error_code=job.error_code))
+            self._announced(job)
         self._thread = threading.Thread(target=self._run, name="edge-deployer", daemon=True)
         self._thread.start()
 
@@ -117,6 +131,10 @@ class Deployer:
                 job, cancel = self._jobs.get(name), self._cancel.get(name)
                 if job is not None and cancel is not None and job.state in INTERRUPTIBLE and not job.same_target(model):
                     cancel.set()
+            for name in self.removals.left_out(desired):  # being removed: stop downloading it
+                job, cancel = self._jobs.get(name), self._cancel.get(name)
+                if job is not None and cancel is not None and job.state in INTERRUPTIBLE:
+                    cancel.set()
         self._wake.set()
 
     def deploy(self, name: str, model: DesiredModel, force: bool = False) -> None:
@@ -139,9 +157,11 @@ class Deployer:
         with self._lock:
             if desired is not None:
                 self.generation = desired.generation
+                self.removals.follow(desired)
                 for name, model in sorted(desired.models.items()):
                     self._target(name, model, desired.generation, force=False, active=active.get(name))
             for name, model, force in requests:
+                self.removals.adopt(name)
                 self._target(name, model, self.generation, force=force, active=active.get(name))
         if desired is not None:
             self._on_change()  # the reported state names the generation seen, even when nothing changes
@@ -157,6 +177,41 @@ class Deployer:
         self._emit(Event(kind=EventKind.ROLLED_BACK, model=name, version=inst.version, detail=reason))
         self._on_change()
         return inst.version
+
+    # ------------------------------------------------------------------------- removal
+    def _remove_gone(self) -> None:
+        """Uninstall the managed models the desired state no longer names (worker thread)."""
+        with self._lock:
+            names = sorted(self.removals.pending)
+        for name in names:
+            with self._lock:
+                job = self._jobs.get(name)
+                if name not in self.removals.pending:
+                    continue  # named again meanwhile
+                if job is not None and not job.done:
+                    if job.state not in INTERRUPTIBLE:
+                        continue  # switching: it finishes first, the removal follows at the next turn
+                    self._interrupt(job, "removed from the desired state")
+                    self._cleanup(job)  # a partial download too: freeing the disk is the point
+            try:
+                active, removed = uninstall(self.store, self.health, name)
+            except EdgeError as exc:
+                log.error("cannot remove %s: %s", name, exc)
+                with self._lock:
+                    self.removals.later(name)
+                self._emit(Event(kind=EventKind.FAILED, model=name, detail=f"removal failed: {exc}",
+                                 error_code=exc.code))
+                continue
+            with self._lock:
+                self.removals.done(name)
+                # Forgotten, or the same target named again later would count as already committed.
+                self._jobs.pop(name, None)
+                self.journal.forget(name)
+                self.providers.pop(name, None)
+            for event in removal_events(name, active, removed):
+                self._emit(event)
+            log.info("%s removed from the store: %s", name, ", ".join(removed) or "nothing was installed")
+            self._on_change()
 
     # ------------------------------------------------------------------------- reports
     def report(self) -> tuple[ModelReport, ...]:
@@ -204,6 +259,8 @@ class Deployer:
             if not job.done or job.state is S.COMMITTED or job.key in self._failed:
                 return  # in progress, done, or failed before: never loop on a bad version
         if active == model.version and not force and (job is None or job.done):
+            if model.deployment_id and (job is None or job.deployment_id != model.deployment_id):
+                self._acknowledge(name, model, generation)
             return  # already serving it (installed by hand, or before this journal existed)
         try:
             new = Deployment.for_target(name, model, generation, force)
@@ -227,11 +284,31 @@ class Deployer:
         log.info("deploying %s (deployment %s)", new.ref, new.deployment_id or "-")
         self._on_change()
 
+    def _acknowledge(self, name: str, model: DesiredModel, generation: int | None) -> None:
+        """Report a rollout's version that already serves here as committed (lock held).
+
+        Without the event the rollout would wait for this device until its timeout and then
+        count it as failed: the controller names a device's current version when it did not
+        know it (a version flashed by hand, or a report listing a later failed deployment).
+        """
+        try:
+            done = Deployment.for_target(name, model, generation, False)
+        except EdgeError:
+            return
+        done.state = S.COMMITTED
+        self._jobs[name] = done
+        self._emit(Event(kind=EventKind.COMMITTED, model=name, version=model.version,
+                         deployment_id=model.deployment_id, detail="already serving this version"))
+        self._announced(done)  # persists the record too
+        self._on_change()
+
     def _interrupt(self, job: Deployment, why: str) -> None:
         cancel = self._cancel.get(job.name)
         if cancel is not None:
             cancel.set()  # the worker notices and drops it
         job.move(S.CANCELLED, why)
+        # Persisted, or a restart would resume (and activate) the deployment it cancelled.
+        self.journal.save(job)
         self._emit(Event(kind=EventKind.FAILED, model=job.name, version=job.version, deployment_id=job.deployment_id,
                          detail=f"cancelled: {why}", error_code="cancelled"))
 
@@ -240,6 +317,7 @@ class Deployer:
         while not self._stopping.is_set():
             try:
                 self._absorb()
+                self._remove_gone()
             except Exception:  # a store hiccup: try again at the next wake
                 log.exception("cannot apply the desired state")
             job = self._pick()
@@ -293,7 +371,16 @@ class Deployer:
         if event is not None:
             self._emit(Event(kind=event, model=job.name, version=job.version, deployment_id=job.deployment_id,
                              detail=detail, error_code=code))
+            if job.state in FINAL_EVENTS:
+                self._announced(job)
         self._on_change()
+
+    def _announced(self, job: Deployment) -> None:
+        """Persist that the final event of ``job`` is queued (unless a newer deployment replaced it)."""
+        with self._lock:
+            if self._jobs.get(job.name) is job:
+                job.announced = True
+                self.journal.save(job)
 
     def _fail(self, job: Deployment, reason: str, code: str | None) -> None:
         if job.done or not self._current(job):

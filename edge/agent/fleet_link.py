@@ -15,7 +15,8 @@ What it does, on the topic tree of :class:`~edge.protocol.topics.Topics`:
   it (Sparkplug's bdSeq). A clean stop publishes ``offline`` (reason ``shutdown``) itself.
 * **Desired state** (retained, per device) goes to the :class:`~edge.agent.deployer.Deployer`.
 * **Commands** (``deploy``, ``rollback``, ``restart``, ``set-config``, ``ping``) run once per id
-  and are answered on the ``resp`` topic (:mod:`edge.agent.commands`).
+  and are answered on the ``resp`` topic (:mod:`edge.agent.commands`); what ``set-config``
+  changes is kept across restarts (:mod:`edge.agent.fleet_config`).
 * **Telemetry** every ``telemetry_interval`` seconds, **events** for every deployment step and
   the retained **reported** state go through the durable :mod:`~edge.agent.outbox`.
 
@@ -34,7 +35,10 @@ from typing import Any, Callable
 import edge
 from edge.agent.commands import CommandRunner
 from edge.agent.deployer import DOWNLOAD_BACKOFF, MAX_ATTEMPTS, Deployer
-from edge.agent.files import write_atomic
+from edge.agent.files import TMP_PREFIX, write_atomic
+from edge.agent.fleet_config import (
+    CONFIG_FILE, MAX_INTERVAL_S, MIN_INTERVAL_S, RemoteConfig, describe, load_config, parse_changes, save_config,
+)  # fmt: skip
 from edge.agent.health import ChildHealthCheck, HealthCheck, RegistryHealthCheck
 from edge.agent.outbox import Kind, Outbox, OutboxLimits, OutboxSender
 from edge.agent.telemetry import InferenceStats, MetricsSampler, MetricsSource, capabilities, process_uptime, system_stats
@@ -51,8 +55,6 @@ log = logging.getLogger(__name__)
 # Seconds between telemetry messages by default: fresh enough for a dashboard, ~9,000 small
 # messages a day per device.
 TELEMETRY_INTERVAL_S = 10.0
-# Bounds of set-config's telemetry_interval.
-MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 3600.0
 # Seconds a clean stop waits for queued events and the offline status to be acknowledged.
 STOP_FLUSH_S = 3.0
 # Reconnect backoff of the agent: quick first retries, then at most a minute apart.
@@ -131,6 +133,7 @@ class FleetLink:
         self.session = 0
         self._seq = 0
         self._interval = options.telemetry_interval
+        self.remote = RemoteConfig()  # what set-config changed (DATA/fleet/config.json)
         self._stopping = threading.Event()
         self._interval_changed = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -160,14 +163,18 @@ class FleetLink:
         self._restart = self._restart or getattr(agent, "stop", None)
         folder = data_dir / "fleet"
         folder.mkdir(parents=True, exist_ok=True)
+        for path in folder.glob(f"{TMP_PREFIX}*"):  # a session or command file the last process died writing
+            path.unlink(missing_ok=True)
         self.data_dir = data_dir
+        self.remote = load_config(folder / CONFIG_FILE)  # the controller's settings win over the options
+        self._interval = self.remote.interval(self.options.telemetry_interval)
         self.counter = SessionCounter(folder / "session")
         self._capabilities = capabilities(data_dir)
         self.outbox = Outbox(folder / "outbox.db", self.options.outbox)
         headers = {"Authorization": f"Bearer {self.options.artifact_token}"} if self.options.artifact_token else {}
         self.deployer = Deployer(
             self.store, folder / "deployments", health, emit=self._event, on_change=self._publish_reported,
-            rate=self.options.download_rate, headers=headers, base_url=self.options.artifact_base_url,
+            rate=self.remote.rate(self.options.download_rate), headers=headers, base_url=self.options.artifact_base_url,
             backoff=self.options.download_backoff, max_attempts=self.options.max_download_attempts,
         )  # fmt: skip
         self.commands = CommandRunner(self._command_handlers(), self._respond, folder / "commands.json")
@@ -302,7 +309,7 @@ class FleetLink:
 
     def _cmd_ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "session": self.session, "uptime_s": round(process_uptime(), 1),
-                "agent_version": edge.__version__}
+                "agent_version": edge.__version__, "config": self._config()}
 
     def _cmd_deploy(self, args: dict[str, Any]) -> dict[str, Any]:
         args = dict(args)
@@ -334,17 +341,21 @@ class FleetLink:
         return {"restarting": True}
 
     def _cmd_set_config(self, args: dict[str, Any]) -> dict[str, Any]:
-        known = {"telemetry_interval"}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}", hint=f"valid: {', '.join(sorted(known))}")
-        if "telemetry_interval" in args:
-            value = args["telemetry_interval"]
-            if not isinstance(value, (int, float)) or not MIN_INTERVAL_S <= value <= MAX_INTERVAL_S:
-                raise ConfigError(f"telemetry_interval must be {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} seconds")
-            self._interval = float(value)
+        """Validate, persist, then apply (edge.agent.fleet_config); answer the values now in force."""
+        changes = parse_changes(args)
+        remote = self.remote.merged(changes)
+        save_config(self.data_dir / "fleet" / CONFIG_FILE, remote)  # an error here changes nothing
+        self.remote = remote
+        interval = remote.interval(self.options.telemetry_interval)
+        if interval != self._interval:
+            self._interval = interval
             self._interval_changed.set()
-        return {"telemetry_interval": self._interval}
+        self.deployer.rate = remote.rate(self.options.download_rate)
+        in_force = self._config()
+        return {key: in_force[key] for key in changes}
+
+    def _config(self) -> dict[str, float]:
+        return describe(self._interval, self.deployer.rate)
 
     def _respond(self, response: Response) -> None:
         self._queue(Channel.RESP, response, Kind.EVENT)

@@ -1,4 +1,4 @@
-"""`edge fleet serve | status | devices | device | tag | group | command | bundles | publish | rollout | token`.
+"""`edge fleet serve | status | devices | device | tag | group | command | bundles | publish | rollout | undeploy | token`.
 
 `serve` runs the controller; every other verb talks to a running controller's REST API
 (``--controller``, default $EDGE_CONTROLLER or http://127.0.0.1:8700) with ``--token``
@@ -8,6 +8,7 @@ device without the fleet extra still works.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -80,12 +81,20 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Option("edge", "--topic-root", help="Root of the topic tree."),
         public_url: Optional[str] = typer.Option(None, "--public-url", help="URL devices use to reach this API (bundle downloads)."),
         trusted_key: Optional[List[Path]] = typer.Option(None, "--trusted-key", help="Public key uploads must be signed with (repeatable)."),
-        ingest_connections: int = typer.Option(2, "--ingest-connections", help="MQTT connections reading telemetry (MQTT 5 shared subscriptions)."),
+        revoked_key: Optional[List[str]] = typer.Option(None, "--revoked-key", help="Key id or public key file whose uploads are refused (repeatable; adds to $EDGE_REVOKED_KEYS)."),
+        ingest_connections: int = typer.Option(1, "--ingest-connections", help="MQTT connections reading telemetry; more than 1 share MQTT 5 subscriptions, which mosquitto 2.0 forgets on restart until the readers reconnect."),
         ingest_workers: int = typer.Option(0, "--ingest-workers", help="Extra processes reading telemetry (MQTT 5 brokers; one per spare core)."),
+        rate_limit: Optional[float] = typer.Option(None, "--rate-limit", help="API requests a second per client address, in bursts of 4x, before 429 (default 50; 0: no limit)."),
+        max_requests: Optional[int] = typer.Option(None, "--max-requests", help="API requests in flight before 429 (default 64; 0: no cap)."),
+        max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Open HTTP connections before new requests get 503 (default 900)."),
+        header_timeout: Optional[float] = typer.Option(None, "--header-timeout", help="Seconds a client gets to send a request's headers (default 10)."),
+        body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="Seconds a client gets to send a request body, plus one per KiB received (default 30)."),
     ) -> None:
         """Run the controller: embedded broker and SQLite unless told otherwise."""
+        from edge.redact import redact_url
+
         try:
-            from edge.fleet.service import FleetService, ServiceConfig
+            from edge.fleet.service import FleetService, ServiceConfig, controller_limits
         except ModuleNotFoundError as exc:
             if exc.name not in ("sqlalchemy", "amqtt"):
                 raise
@@ -95,9 +104,10 @@ def register(app: typer.Typer) -> None:
         config = ServiceConfig(
             data_dir=(data or settings.fleet_data()).expanduser(), db_url=db or settings.fleet_db(),
             broker_url=broker or settings.fleet_broker(), host=host, port=port, mqtt_port=mqtt_port, fleet=fleet,
-            root=root, public_url=public_url, trusted_keys=tuple(trusted_key or ()),
+            root=root, public_url=public_url, trusted_keys=tuple(trusted_key or ()), revoked_keys=tuple(revoked_key or ()),
             admin_token=settings.fleet_admin_token(), ingest_connections=ingest_connections,
-            ingest_workers=ingest_workers)
+            ingest_workers=ingest_workers,
+            http=controller_limits(rate_limit, max_requests, max_connections, header_timeout, body_timeout))
 
         def ready(svc: FleetService) -> None:
             err = sys.stderr
@@ -105,7 +115,8 @@ def register(app: typer.Typer) -> None:
                 print("admin token (shown once; keep it, e.g. export EDGE_FLEET_TOKEN=...):", file=err)
                 print(f"  {svc.generated_token}", file=err)
             assert svc.http is not None
-            print(f"edge fleet: api {svc.http.url} broker {svc.broker_url} data {config.data_dir}", file=err, flush=True)
+            print(f"edge fleet: api {svc.http.url} broker {redact_url(svc.broker_url or '')} data {config.data_dir}",
+                  file=err, flush=True)
 
         FleetService(config).run_forever(ready)
 
@@ -184,14 +195,18 @@ def register(app: typer.Typer) -> None:
     @sub.command("command")
     def command(
         device_id: str = typer.Argument(...),
-        name: str = typer.Argument(..., help="ping, restart or rollback."),
+        name: str = typer.Argument(..., help="ping, restart, rollback or set-config."),
         model: Optional[str] = typer.Option(None, "--model", help="Model to roll back."),
         version: Optional[str] = typer.Option(None, "--version", help="Version to roll back to (default: the previous one)."),
+        setting: Optional[List[str]] = typer.Option(
+            None, "--set", help="set-config: KEY=VALUE, e.g. telemetry_interval=30 or download_rate_kb=512; "
+                                "VALUE null goes back to the agent's own option (repeatable)."),
         wait: float = typer.Option(10.0, "--wait", help="Seconds to wait for the answer (0: do not wait)."),
         controller: Optional[str] = CONTROLLER, token: Optional[str] = TOKEN, as_json: bool = JSON,
     ) -> None:
         """Send a command to a device and wait for its answer."""
-        args = {k: v for k, v in (("name", model), ("version", version)) if v}
+        args: dict[str, Any] = {k: v for k, v in (("name", model), ("version", version)) if v}
+        args.update(_settings(setting or []))
         with _client(controller, token) as c:
             data = c.post(f"/api/v1/devices/{device_id}/commands", {"command": name, "args": args})
             deadline = time.monotonic() + wait
@@ -287,6 +302,34 @@ def register(app: typer.Typer) -> None:
     _action("abort", "Stop a rollout; devices keep what they have.")
     _action("rollback", "Revert every device of a rollout to its previous version.")
 
+    @sub.command("undeploy")
+    def undeploy(
+        model: str = typer.Argument(...),
+        device: Optional[List[str]] = typer.Option(None, "--device", help="Take it off this device (repeatable)."),
+        tag: Optional[str] = typer.Option(None, "--tag", help="Take it off devices with this tag."),
+        group: Optional[str] = typer.Option(None, "--group", help="Take it off devices in this group."),
+        profile: Optional[str] = typer.Option(None, "--profile", help="Take it off devices of this profile."),
+        everywhere: bool = typer.Option(False, "--all", help="Take it off every device."),
+        controller: Optional[str] = CONTROLLER, token: Optional[str] = TOKEN, as_json: bool = JSON,
+    ) -> None:
+        """Take MODEL off devices: their agents stop serving it and delete its files."""
+        chosen = [(k, v) for k, v in (("tag", tag), ("group", group), ("profile", profile)) if v]
+        if len(chosen) + bool(device) + everywhere != 1:
+            raise ConfigError("say which devices: one of --device ID (repeatable), --tag, --group, --profile or --all")
+        body: dict[str, Any] = {"model": model}
+        if device:
+            body["devices"] = list(device)
+        else:
+            body["target"] = {"kind": chosen[0][0], "value": chosen[0][1]} if chosen else {"kind": "all"}
+        with _client(controller, token) as c:
+            data = c.post("/api/v1/undeploy", body)
+
+        def render(d: dict[str, Any]) -> None:
+            listed = ", ".join(d["devices"]) + (" ..." if d["removed"] > len(d["devices"]) else "")
+            stdout().print(f"{d['model']} leaves the desired state of {d['removed']} device(s)"
+                           + (f": {listed}" if listed else "") + f"; {d['unchanged']} did not have it")
+        emit(data, as_json, render)
+
     @token_app.command("admin")
     def token_admin(
         data: Optional[Path] = typer.Option(None, "--data", help="Data folder of the controller (default $EDGE_FLEET_DATA or $EDGE_HOME/fleet)."),
@@ -330,6 +373,20 @@ def register(app: typer.Typer) -> None:
         with _client(controller, token) as c:
             c.request("DELETE", f"/api/v1/tokens/{token_id}")
         stdout().print(f"revoked {token_id}")
+
+
+def _settings(pairs: List[str]) -> dict[str, Any]:
+    """Parse --set KEY=VALUE pairs; VALUE is JSON (a number, null), else kept as text for the agent to judge."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r} is not KEY=VALUE", hint="e.g. --set telemetry_interval=30")
+        try:
+            out[key.strip()] = json.loads(raw, parse_constant=str)  # NaN and Infinity stay text
+        except ValueError:
+            out[key.strip()] = raw
+    return out
 
 
 def _parse_time(text: str) -> float:

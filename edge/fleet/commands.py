@@ -1,4 +1,4 @@
-"""Commands to one device (ping, restart, rollback a model): stored, sent, answered, expired.
+"""Commands to one device (ping, restart, rollback a model, set-config): stored, sent, answered, expired.
 
 A command is a row first (so a restart still sends it and still matches its answer), then a
 QoS 1 message whose envelope id is the command id; the device's response echoes that id.
@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 # A command not answered in this long is expired: long enough for a device to reconnect.
 DEFAULT_TTL_S = 3600.0
-USER_COMMANDS = {"ping": Command.PING, "restart": Command.RESTART, "rollback": Command.ROLLBACK}
+# set-config's keys and values are checked by the agent, which answers what it refused and why
+# (agents of different versions know different settings).
+USER_COMMANDS = {"ping": Command.PING, "restart": Command.RESTART, "rollback": Command.ROLLBACK,
+                 "set-config": Command.SET_CONFIG}
 
 
 class CommandState(str, Enum):

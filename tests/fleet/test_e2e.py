@@ -8,12 +8,8 @@ infer and checks the answer is the new version's.
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -25,18 +21,9 @@ from edge.cli.main import main
 from tests.fixtures.broker import MOSQUITTO, broker  # noqa: F401
 from tests.fixtures.bundles import expected_output, make_generic_bundle
 from tests.fleet.conftest import wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
-ADMIN = "e2e-admin-token-0123456789abcdef"
-START_S = 90.0
+from tests.fleet.processes import ADMIN, ROOT, START_S, Controller, child_env
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
-
-
-def child_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-    env.update(EDGE_HOME=str(home), PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", EDGE_FLEET_ADMIN_TOKEN=ADMIN)
-    return env
 
 
 def agent_command(device_id: str, data: Path, broker_url: str, trusted: Path) -> list[str]:
@@ -44,50 +31,6 @@ def agent_command(device_id: str, data: Path, broker_url: str, trusted: Path) ->
     return [sys.executable, "-m", "edge.cli.main", "agent", "run", "--device-id", device_id, "--data", str(data),
             "--broker", broker_url, "--trusted-key", str(trusted), "--http", "127.0.0.1:0",
             "--profile", "generic-cpu", "--telemetry-interval", "1"]
-
-
-class Controller:
-    """`edge fleet serve` in a subprocess, restartable on the same data folder and port."""
-
-    def __init__(self, folder: Path, broker_url: str, trusted: Path) -> None:
-        self.folder, self.broker_url, self.trusted = folder, broker_url, trusted
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.starts = 0
-
-    def start(self) -> "Controller":
-        self.starts += 1
-        log = self.folder / f"controller-{self.starts}.log"
-        cmd = [sys.executable, "-m", "edge.cli.main", "fleet", "serve", "--data", str(self.folder / "data"),
-               "--broker", self.broker_url, "--port", str(self.port), "--trusted-key", str(self.trusted)]
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(self.folder / "home"),
-                                         cwd=ROOT)
-        deadline = time.monotonic() + START_S
-        while not (m := re.search(r"edge fleet: api (\S+) broker", log.read_text(errors="replace"))):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"edge fleet serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        self.url = m.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])  # a restart keeps the URL devices were given
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
 
 
 @pytest.fixture()

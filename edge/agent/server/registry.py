@@ -438,6 +438,24 @@ class Registry:
                 done.append(entry.version)
         return done
 
+    def forget(self, name: str) -> list[str]:
+        """Unload every version of ``name`` and forget the model (it left the store); return its versions.
+
+        Afterwards requests for it answer 404 (unknown model), as if it had never been installed.
+        """
+        with self._lock:
+            versions = self._entries.pop(name, {})
+            self._current.pop(name, None)
+        for entry in versions.values():
+            served, entry.served = entry.served, None
+            if served is not None:
+                served.close()
+                if self.metrics is not None:
+                    self.metrics.model_gone(entry.name, entry.version)
+        if versions:
+            log.info("model %s forgotten (%s)", name, ", ".join(sorted(versions, key=version_key)))
+        return sorted(versions, key=version_key)
+
     def _unload_entry(self, entry: Entry) -> None:
         with self._lock:
             served, entry.served = entry.served, None

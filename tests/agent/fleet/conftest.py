@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import pytest
 
 from edge.agent.fleet_link import FleetLink, FleetOptions
@@ -17,24 +16,8 @@ from edge.protocol.signing import SigningKey, TrustStore
 from edge.protocol.topics import Topics
 from tests.agent.fleet.helpers import FAST, ArtifactServer, Controller, FakeAgent
 from tests.fixtures.broker import any_broker, broker, embedded_broker  # noqa: F401
-from tests.fixtures.bundles import OPSET, make_generic_bundle
+from tests.fixtures.bundles import make_generic_bundle, nan_model_bytes
 from tests.transport.helpers import WAIT_S, unique
-
-
-def nan_model_bytes() -> bytes:
-    """Return a model that loads and runs but answers NaN for the all-zero sample input (0/0)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Div", ["x", "x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])],
-        "nan",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
-        [numpy_helper.from_array(np.ones((4, 2), np.float32), "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 @pytest.fixture()
