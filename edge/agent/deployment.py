@@ -20,6 +20,7 @@ rollout) or a ``deploy`` command with ``force`` tries again.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -174,9 +175,12 @@ class Deployment:
 class DeploymentJournal:
     """Deployment records on disk: one file per model name, plus the memory of failures."""
 
-    FAILED_FILE = "failed.json"
-    # Names the desired state gave this device (what a removal may take away). The leading
-    # underscore keeps it apart from records: model names start with a letter or digit.
+    # The leading underscore keeps these apart from records: model names start with a letter or
+    # digit, so a model called "failed" or "managed" has its own record file.
+    FAILED_FILE = "_failed.json"
+    # Where releases before 0.2 kept the failures; moved at open (a record never has that shape).
+    OLD_FAILED_FILE = "failed.json"
+    # Names the desired state gave this device (what a removal may take away).
     MANAGED_FILE = "_managed.json"
     # Failures remembered: plenty for a device's lifetime of rollouts, bounded for its disk.
     MAX_FAILED = 500
@@ -186,6 +190,13 @@ class DeploymentJournal:
         self.folder.mkdir(parents=True, exist_ok=True)
         for path in self.folder.glob(f"{TMP_PREFIX}*"):  # a write the last process died in
             path.unlink(missing_ok=True)
+        self._move_old_failures()
+
+    def _move_old_failures(self) -> None:
+        """Move an old ``failed.json`` (a list of pairs, never a record) to its new name."""
+        old = self.folder / self.OLD_FAILED_FILE
+        if old.exists() and not (self.folder / self.FAILED_FILE).exists() and isinstance(read_json(old), list):
+            os.replace(old, self.folder / self.FAILED_FILE)
 
     def load(self) -> dict[str, Deployment]:
         """Return the last deployment of every model name."""

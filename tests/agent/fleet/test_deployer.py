@@ -56,6 +56,25 @@ def test_the_memory_of_failures_survives_in_order(tmp_path: Path) -> None:
     assert list(journal.failures().items()) == [("b", "2"), ("a", "1")]
 
 
+@pytest.mark.parametrize("name", ["failed", "managed"])
+def test_a_model_named_like_the_journal_files_keeps_its_own_record(tmp_path: Path, name: str) -> None:
+    journal = DeploymentJournal(tmp_path)
+    journal.save_failures({"tiny@2.0.0": "health check failed"})
+    journal.save_managed({name})
+    journal.save(Deployment(name, "1.0.0", "u", "0" * 64, 1))
+    reopened = DeploymentJournal(tmp_path)
+    assert reopened.load()[name].version == "1.0.0"
+    assert reopened.failures() == {"tiny@2.0.0": "health check failed"}
+    assert reopened.managed() == {name}
+
+
+def test_failures_kept_under_the_old_file_name_are_moved(tmp_path: Path) -> None:
+    (tmp_path / "failed.json").write_text('[["tiny@2.0.0", "health check failed"]]')
+    journal = DeploymentJournal(tmp_path)
+    assert journal.failures() == {"tiny@2.0.0": "health check failed"}
+    assert not (tmp_path / "failed.json").exists() and journal.load() == {}
+
+
 class _NeverCalled:
     def check(self, installed):  # pragma: no cover - a failure if reached
         raise AssertionError("the health check must not run a third time")
