@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from edge.agent.server.context import ServerConfig
 from edge.errors import ConfigError
 from edge.protocol.topics import check_id
+from edge.web.limits import HttpLimits
 
 if TYPE_CHECKING:
     from edge.agent.server.metrics import Metrics
@@ -53,8 +54,10 @@ class AgentOptions:
     port: int = 8080
     profile: str = "auto"
     trusted_keys: tuple[Path, ...] = ()
+    revoked_keys: tuple[str, ...] = ()  # key ids or key files (--revoked-key), resolved at open
     threads: int | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpLimits = field(default_factory=HttpLimits)  # slow clients and open connections
 
     def __post_init__(self) -> None:
         check_id(self.device_id)
@@ -82,19 +85,23 @@ def resolve_profile(name: str, data_dir: Path) -> "DeviceProfile":
     return resolve_store_profile(data_dir, name, load_catalog(settings.profile_path()))
 
 
-def load_trust(paths: tuple[Path, ...]) -> "TrustStore":
-    """Build the trust store from --trusted-key files ($EDGE_HOME/keys/edge.pub when none)."""
+def load_trust(paths: tuple[Path, ...], revoked: tuple[str, ...] = ()) -> "TrustStore":
+    """Build the trust store from --trusted-key files ($EDGE_HOME/keys/edge.pub when none),
+    refusing the keys of --revoked-key and $EDGE_REVOKED_KEYS."""
     from edge import settings
-    from edge.protocol.signing import TrustStore
+    from edge.protocol.signing import TrustStore, resolve_revoked
 
+    revoked_ids = resolve_revoked([*revoked, *settings.revoked_keys()])
+    if revoked_ids:
+        log.info("revoked signing keys: %s", ", ".join(sorted(revoked_ids)))
     if paths:
-        return TrustStore.from_files(list(paths))
+        return TrustStore.from_files(list(paths), revoked_ids)
     default = settings.edge_home() / "keys" / "edge.pub"
     if default.exists():
-        return TrustStore.from_files([default])
+        return TrustStore.from_files([default], revoked_ids)
     log.warning("no trusted key: installed models are served, new bundles will be refused "
                 "(pass --trusted-key PUB)")
-    return TrustStore()
+    return TrustStore(revoked=revoked_ids)
 
 
 class Agent:
@@ -130,7 +137,8 @@ class Agent:
             from edge.agent.store import Store
 
             self.options.data_dir.mkdir(parents=True, exist_ok=True)
-            self.store = Store(self.options.data_dir, self.profile, load_trust(self.options.trusted_keys))
+            self.store = Store(self.options.data_dir, self.profile,
+                               load_trust(self.options.trusted_keys, self.options.revoked_keys))
             self._owns_store = True
         self.metrics = Metrics()
         self.registry = Registry(self.store, self.profile, self.options.threads, self.metrics)
@@ -164,13 +172,15 @@ class Agent:
         """Serve until SIGTERM or SIGINT; return the exit code."""
         import uvicorn
 
+        from edge.web import guard_app, uvicorn_options
+
         if self.app is None:
             self.open()
         sock = self.bind()
         config = uvicorn.Config(
-            self.app, loop="auto", http="auto", ws="none", lifespan="on", log_config=None,
+            guard_app(self.app, self.options.http), loop="auto", ws="none", lifespan="on", log_config=None,
             access_log=False, server_header=False, proxy_headers=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(self.options.http),
         )
         self._server = uvicorn.Server(config)
         host, port = self.address  # type: ignore[misc]

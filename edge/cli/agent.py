@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from edge.web.limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
+
 
 def register(app: typer.Typer) -> None:
     """Add the `agent` commands to the CLI."""
@@ -22,12 +24,22 @@ def register(app: typer.Typer) -> None:
         http: str = typer.Option("127.0.0.1:8080", "--http", help="HOST:PORT to serve on (port 0 picks a free one)."),
         trusted_key: Optional[List[Path]] = typer.Option(
             None, "--trusted-key", help="Public key whose bundles are accepted (repeatable)."),
+        revoked_key: Optional[List[str]] = typer.Option(
+            None, "--revoked-key", help="Key id or public key file whose signatures are refused, installed models "
+            "included (repeatable; adds to $EDGE_REVOKED_KEYS)."),
         threads: int = typer.Option(0, "--threads", help="ONNX Runtime threads per model (0: the profile's)."),
         max_body_mb: int = typer.Option(32, "--max-body-mb", help="Largest request body in MiB."),
         max_batch: int = typer.Option(32, "--max-batch", help="Largest encoder batch."),
         batch_wait_ms: float = typer.Option(2.0, "--batch-wait-ms", help="Longest wait for an encoder batch to fill."),
         llm_slots: int = typer.Option(4, "--llm-slots", help="Generations an LLM advances together."),
         queue: int = typer.Option(64, "--queue", help="Requests waiting per model before 429."),
+        max_connections: int = typer.Option(
+            MAX_CONNECTIONS, "--max-connections", help="Open HTTP connections before new requests get 503."),
+        header_timeout: float = typer.Option(
+            HEADER_TIMEOUT_S, "--header-timeout", help="Seconds a client gets to send a request's headers."),
+        body_timeout: float = typer.Option(
+            BODY_TIMEOUT_S, "--body-timeout", help="Seconds a client gets to send a request body (408 after), "
+            "plus one per KiB received."),
         broker: Optional[str] = typer.Option(
             None, "--broker", help="Fleet broker URL, mqtt://[user[:pass]@]HOST:PORT or mqtts://... (none: offline)."),
         fleet: str = typer.Option("default", "--fleet", help="Fleet id in the topic tree."),
@@ -52,7 +64,10 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         options = AgentOptions(device_id=device_id, data_dir=data, host=host, port=port, profile=profile,
-                               trusted_keys=tuple(trusted_key or ()), threads=threads or None, server=server)
+                               trusted_keys=tuple(trusted_key or ()), revoked_keys=tuple(revoked_key or ()),
+                               threads=threads or None, server=server,
+                               http=HttpLimits(header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                                               max_connections=max_connections))
         connector = None
         if broker:
             from edge import settings

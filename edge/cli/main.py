@@ -10,7 +10,7 @@ from typing import Sequence
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from edge import __version__, settings
+from edge import __version__, redact, settings
 from edge.errors import EdgeError
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def _root(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact.install()  # passwords, tokens and signed URLs never reach the log, whoever logs them
 
 
 # Command modules under edge/cli/, each with a register(app) function, in --help order.
@@ -89,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except EdgeError as exc:
         if _state["debug"]:
-            traceback.print_exc()
-        print(f"Error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+            print(redact.redact(traceback.format_exc()), end="", file=sys.stderr)
+        print(redact.redact(f"Error: {exc.message}" + (f" ({exc.hint})" if exc.hint else "")), file=sys.stderr)
         return exc.exit_code
     except Exit as exc:
         return exc.exit_code

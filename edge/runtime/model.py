@@ -40,12 +40,18 @@ class ModelRef:
 class LoadedModel:
     """A bundle's ONNX model in an ORT session, with raw-tensor inference."""
 
+    # Whether ORT's idle pool threads busy-wait for the next op (see session_options).
+    SPINNING = True
+
     def __init__(self, folder: Path, manifest: Manifest, profile: DeviceProfile | None = None,
                  threads: int | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
         self.profile = profile
-        self.session = open_session(self.folder / manifest.model_file, profile, threads)
+        self.session = open_session(self.folder / manifest.model_file, profile, threads, spinning=self.SPINNING)
+        # Looked up on every raw-tensor request: built once.
+        self._input_specs = {s.name: s for s in manifest.inputs}
+        self._output_names = [o.name for o in manifest.outputs]
         self.provider = self.session.get_providers()[0]
         # ORT sessions are thread-safe for run(); the lock serializes callers that reuse buffers.
         self.lock = threading.Lock()
@@ -70,7 +76,7 @@ class LoadedModel:
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
         """Refuse missing, unknown, wrongly typed or wrongly shaped inputs with a clear message."""
-        specs = {s.name: s for s in self.manifest.inputs}
+        specs = self._input_specs
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
             raise RequestError(f"unknown input(s) {', '.join(unknown)}; expected {', '.join(specs)}")
@@ -91,7 +97,7 @@ class LoadedModel:
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model on raw tensors and return the named outputs."""
         self.check_inputs(inputs)
-        names = outputs or [o.name for o in self.manifest.outputs]
+        names = outputs or self._output_names
         try:
             result = self.session.run(names, inputs)
         except Exception as exc:  # ORT's errors are untyped; translate once, here

@@ -49,14 +49,21 @@ def usable_providers(profile: DeviceProfile, strict: bool = False) -> list[tuple
     return chosen
 
 
-def session_options(threads: int | None, inter_op: int = 1) -> ort.SessionOptions:
-    """Return session options with explicit thread pools and full graph optimization."""
+def session_options(threads: int | None, inter_op: int = 1, spinning: bool = True) -> ort.SessionOptions:
+    """Return session options with explicit thread pools and full graph optimization.
+
+    Without ``spinning`` idle pool threads sleep at once instead of busy-waiting for the next
+    op: slower to wake, but they leave the cores to the rest of the process.
+    """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads if threads else physical_cores()
     so.inter_op_num_threads = inter_op
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
@@ -65,13 +72,14 @@ def open_session(
     profile: DeviceProfile | None = None,
     threads: int | None = None,
     providers: list[tuple[str, dict[str, str]]] | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """Open an ORT session for a model file with the profile's providers and threads."""
     if providers is None:
         providers = usable_providers(profile) if profile else [("CPUExecutionProvider", {})]
     if threads is None and profile is not None:
         threads = profile.threads.intra_op or None
-    so = session_options(threads, profile.threads.inter_op if profile else 1)
+    so = session_options(threads, profile.threads.inter_op if profile else 1, spinning)
     names = [p for p, _ in providers]
     opts = [o for _, o in providers]
     try:

@@ -13,7 +13,7 @@ from edge.errors import BundleError, RequestError
 from edge.protocol.bundle import BundleReader
 from edge.protocol.catalog import load_catalog
 from edge.protocol.manifest import Pooling
-from edge.runtime.encoder import EncoderModel, pool
+from edge.runtime.encoder import GROUP_SIZE, EncoderModel, plan_runs, pool
 from edge.runtime.model import load_model
 from edge.runtime.tokenizer import TextTokenizer, resolve_max_length
 from tests.fixtures.tiny_encoders import ST_MAX_SEQ_LENGTH, build_tokenizer, shared_bundle, shared_tiny_encoders
@@ -162,3 +162,62 @@ def test_embed_is_thread_safe(embedder: EncoderModel) -> None:
         results = list(pool_.map(lambda _: embedder.embed(TEXTS), range(8)))
     for got in results:
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _brute_force_cost(lengths: list[int], max_rows: int, run_cost: int) -> int:
+    """Cheapest split of ascending lengths into contiguous runs, by trying every split."""
+    n = len(lengths)
+    best = None
+    for mask in range(1 << max(n - 1, 0)):  # bit i set: a run ends after text i
+        cost, start = 0, 0
+        for i in range(n):
+            if i == n - 1 or mask >> i & 1:
+                if i + 1 - start > max_rows:
+                    break
+                cost += (i + 1 - start) * lengths[i] + run_cost
+                start = i + 1
+        else:
+            best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+def test_plan_runs_pads_little_and_respects_the_run_size() -> None:
+    equal = plan_runs([10] * 70, 32)  # any three runs of at most 32 cost the same
+    assert len(equal) == 3 and all(end - start <= 32 for start, end in equal)
+    # Ten short texts do not pad to two long ones: splitting saves far more than one run costs.
+    assert plan_runs([5] * 10 + [100] * 2, 32, run_cost=64) == [(0, 10), (10, 12)]
+    assert plan_runs([7], 1) == [(0, 1)]
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, max_rows, run_cost = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 80))
+        lengths = sorted(int(v) for v in rng.integers(1, 60, size=n))
+        runs = plan_runs(lengths, max_rows, run_cost)
+        assert [r[0] for r in runs] == [0] + [r[1] for r in runs[:-1]] and runs[-1][1] == n
+        assert all(0 < end - start <= max_rows for start, end in runs)
+        cost = sum((end - start) * lengths[end - 1] + run_cost for start, end in runs)
+        assert cost == _brute_force_cost(lengths, max_rows, run_cost)
+
+
+def test_embed_counted_counts_as_count_tokens_does(embedder: EncoderModel) -> None:
+    texts = [*TEXTS, "", "the " * 300]  # two texts past the limit are counted untruncated
+    vectors, counts = embedder.embed_counted(texts)
+    assert counts == embedder.count_tokens(texts)
+    assert max(counts) > embedder.max_length
+    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-6)
+
+
+def test_more_texts_than_a_group_keep_their_order(embedder: EncoderModel) -> None:
+    texts = [f"{'word ' * (i % 13)}item {i}" for i in range(GROUP_SIZE + 40)]
+    vectors, counts = embedder.embed_counted(texts, batch_size=16)
+    assert counts == embedder.count_tokens(texts)
+    picks = [0, 7, GROUP_SIZE - 1, GROUP_SIZE, len(texts) - 1]
+    single = np.concatenate([embedder.embed([texts[i]]) for i in picks])
+    assert np.diag(vectors[picks] @ single.T).min() > 0.999
+
+
+def test_encoder_sessions_do_not_spin(embedder: EncoderModel) -> None:
+    # Pool threads that busy-wait take the cores from the server's event loop and tokenizer.
+    options = embedder.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"

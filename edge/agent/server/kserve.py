@@ -40,6 +40,10 @@ INLINE_MAX_S = 0.001
 INLINE_MAX_BYTES = 64 * 1024
 # Weight of the newest sample in the moving average of run times.
 EWMA_ALPHA = 0.2
+# One sample counts as at most this: a single slow call (the process was preempted, a garbage
+# collection ran) must not send a fast model's calls through a thread for the next dozen
+# requests; a model that is really slow still crosses INLINE_MAX_S within four calls.
+SAMPLE_CAP_S = 2 * INLINE_MAX_S
 
 
 class InferLimiter:
@@ -82,7 +86,7 @@ class InferLimiter:
         started = time.perf_counter()
         result = fn(*args)
         if small:
-            took = time.perf_counter() - started
+            took = min(time.perf_counter() - started, SAMPLE_CAP_S)
             avg = self.small_call_s
             self.small_call_s = took if avg is None else avg + EWMA_ALPHA * (took - avg)
         return result

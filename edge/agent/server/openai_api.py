@@ -127,9 +127,10 @@ def _batcher(ctx: Context, served: ServedModel) -> "DynamicBatcher":
         max_batch = ctx.config.batch_max_size
 
         def embed_rows(texts: list[str]) -> list[tuple[Any, int]]:
-            # The encoder sorts a large batch by length and runs it in chunks of max_batch.
-            vectors = encoder.embed(texts, batch_size=max_batch)
-            return list(zip(vectors, encoder.count_tokens(texts)))
+            # The encoder sorts the batch by length and runs it in runs of at most max_batch; the
+            # token counts come from the same tokenization.
+            vectors, counts = encoder.embed_counted(texts, batch_size=max_batch)
+            return list(zip(vectors, counts))
 
         m = ctx.metrics
         served.batcher = DynamicBatcher(
