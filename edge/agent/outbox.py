@@ -9,8 +9,9 @@ Bounded, with an explicit drop policy (:class:`OutboxLimits`):
 
 1. A retained message (reported state) replaces any queued older one on the same topic: only
    the newest value of a retained topic means anything. This is not counted as a drop.
-2. Past ``max_rows`` or ``max_bytes``, the oldest *telemetry* goes first: telemetry is
-   periodic and the next sample supersedes it.
+2. Past ``max_rows``, ``max_bytes`` or the disk budget (``max_disk_bytes``: the database file,
+   its WAL and the WAL index together, :mod:`edge.agent.outbox_disk`), the oldest *telemetry*
+   goes first: telemetry is periodic and the next sample supersedes it.
 3. Only when no telemetry is left does the oldest *event* go (the hard cap); events are
    never dropped while telemetry could make room.
 4. A message the broker refuses outright (not authorized, too large) is dropped, not retried
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from edge.agent import faults, outbox_disk
 from edge.errors import ConnectError, ResourceError, StoreError
 from edge.transport import MqttClient, PublishHandle
 
@@ -54,11 +56,21 @@ class OutboxLimits:
     """Bounds of the outbox. Defaults hold days of 10-second telemetry and all events of a week."""
 
     max_rows: int = 50_000
-    max_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = 64 * 1024 * 1024  # message bytes: payloads and topics
+    # Disk the files may take; None: twice max_bytes (SQLite's page overhead) plus 1 MiB for the
+    # schema, the WAL and its index.
+    max_disk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.max_bytes < 1024:
             raise ValueError("outbox limits must allow at least 1 row and 1 KiB")
+        if self.max_disk_bytes is not None and self.max_disk_bytes < outbox_disk.MIN_DISK_BYTES:
+            raise ValueError(f"the outbox needs a disk budget of at least {outbox_disk.MIN_DISK_BYTES // 1024} KiB")
+
+    @property
+    def disk_bytes(self) -> int:
+        """Return the disk budget of the outbox's files."""
+        return self.max_disk_bytes if self.max_disk_bytes is not None else 2 * self.max_bytes + 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,9 @@ class Outbox:
             # put; events are rare and telemetry comes every few seconds).
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            self._disk = outbox_disk.plan(self.limits.disk_bytes, page_size)
+            outbox_disk.apply(self._db, self._disk)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the outbox {self.path}: {exc}", hint="delete it to start empty") from exc
         self._lock = threading.Lock()
@@ -117,17 +132,20 @@ class Outbox:
     def put(self, topic: str, payload: bytes, *, kind: Kind = Kind.EVENT, qos: int = 1, retain: bool = False) -> int:
         """Queue one message durably; return its id. May drop older messages (see the module doc)."""
         size = len(payload) + len(topic.encode())
-        if size > self.limits.max_bytes:
-            raise ResourceError(f"a {size}-byte message does not fit the {self.limits.max_bytes}-byte outbox")
-        with self._lock, self._transaction():
+        if size > min(self.limits.max_bytes, self._disk.max_message):
+            raise ResourceError(f"a {size}-byte message does not fit the {self.limits.max_bytes}-byte outbox "
+                                f"with {self.limits.disk_bytes} bytes of disk")
+        with self._lock, self._transaction("put"):
             if retain:
                 self._db.execute("DELETE FROM messages WHERE topic = ? AND retain = 1", (topic,))
+            self._make_disk_room(self._disk.pages_for(size))  # before: the file must not grow past it
             cur = self._db.execute(
                 "INSERT INTO messages (topic, payload, qos, retain, kind, created) VALUES (?, ?, ?, ?, ?, ?)",
                 (topic, payload, qos, int(retain), Kind(kind).value, time.time()),
             )
             new_id = int(cur.lastrowid)
             self._enforce_limits()
+            self._make_disk_room(0)
         self.wake.set()
         return new_id
 
@@ -144,13 +162,13 @@ class Outbox:
         """Forget delivered messages."""
         if not ids:
             return
-        with self._lock, self._transaction():
+        with self._lock, self._transaction("delete"):
             self._db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
 
     def drop(self, message: Queued, why: str) -> None:
         """Drop one message the broker refused, counting it."""
         log.error("outbox: dropping message %d on %s: %s", message.id, message.topic, why)
-        with self._lock, self._transaction():
+        with self._lock, self._transaction("drop"):
             self._db.execute("DELETE FROM messages WHERE id = ?", (message.id,))
             self._count(f"dropped_{message.kind.value}", 1)
 
@@ -172,8 +190,8 @@ class Outbox:
 
     # -- internals (caller holds self._lock) --------------------------------------------------
 
-    def _transaction(self):  # type: ignore[no-untyped-def]
-        return _Transaction(self._db)
+    def _transaction(self, name: str) -> "_Transaction":
+        return _Transaction(self._db, name)
 
     def _count(self, name: str, n: int) -> None:
         self._db.execute(
@@ -208,16 +226,48 @@ class Outbox:
                 self._count(f"dropped_{kind.value}", dropped)
                 log.warning("outbox full: dropped the %d oldest %s message(s)", dropped, kind.value)
 
+    def _make_disk_room(self, extra_pages: int) -> None:
+        """Drop by the same policy until the pages in use, plus ``extra_pages``, fit the disk budget."""
+        budget = self._disk.db_pages - extra_pages
+        if outbox_disk.used_pages(self._db) <= budget:
+            return
+        for kind in (Kind.TELEMETRY, Kind.EVENT):
+            dropped, last, fits = 0, 0, False
+            while not fits:
+                ids = [r[0] for r in self._db.execute(
+                    "SELECT id FROM messages WHERE kind = ? AND id > ? ORDER BY id LIMIT 64", (kind.value, last))]
+                if not ids:
+                    break
+                for last in ids:  # one at a time: a row frees a page only when its page empties
+                    self._db.execute("DELETE FROM messages WHERE id = ?", (last,))
+                    dropped += 1
+                    if outbox_disk.used_pages(self._db) <= budget:
+                        fits = True
+                        break
+            if dropped:
+                self._count(f"dropped_{kind.value}", dropped)
+                log.warning("outbox over its %d-byte disk budget: dropped the %d oldest %s message(s)",
+                            self.limits.disk_bytes, dropped, kind.value)
+            if fits:
+                return
+
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an error), with fault points around the commit."""
+
+    def __init__(self, db: sqlite3.Connection, name: str) -> None:
+        self.db, self.name = db, name
 
     def __enter__(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            self.db.execute("ROLLBACK")
+            return
+        faults.reach(f"outbox-before-{self.name}-commit")
+        self.db.execute("COMMIT")
+        faults.reach(f"outbox-after-{self.name}-commit")
 
 
 class OutboxSender:

@@ -4,11 +4,14 @@ With no options it runs anywhere: an embedded MQTT broker (amqtt) and SQLite und
 folder. ``broker_url`` points it at a real broker, ``db_url`` at PostgreSQL. The process keeps
 no state only in memory: devices, rollouts, desired state, commands and tokens live in the
 database, and the MQTT session is persistent (clean_start False), so a restart resumes rollouts
-and the broker keeps what arrived meanwhile. Over MQTT 5 the high-rate channels (telemetry,
-events, responses) are read through shared subscriptions (``$share/<group>/...``) by
-``ingest_connections`` clients, which splits load across connections and across controller
-replicas; retained channels (status, reported) are subscribed plainly, since a shared
-subscription does not receive retained messages.
+and the broker keeps what arrived meanwhile; ingest acknowledges a message to the broker only
+once it is committed. With more than one reader (``ingest_connections`` > 1, ingest workers) the
+high-rate channel (telemetry) is read over MQTT 5 through shared subscriptions
+(``$share/<group>/...``), which splits load across connections and across controller replicas;
+a single reader subscribes plainly, because mosquitto 2.0 does not keep shared subscriptions
+across its restarts (see :meth:`FleetService._connect`). Retained channels (status,
+reported) are subscribed plainly, since a shared subscription does not receive retained
+messages, and so are events and command responses (see :data:`PLAIN_CHANNELS`).
 """
 
 from __future__ import annotations
@@ -18,24 +21,26 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import delete
 
-from edge import settings
+from edge import redact, settings
 from edge.errors import ConfigError, EdgeError, TransportError
 from edge.fleet import auth, commands
 from edge.fleet.api import ApiContext, create_app
 from edge.fleet.artifacts import ArtifactStore
 from edge.fleet.dashboard.routes import Dashboard
-from edge.fleet.db import Clock, Database, events_t, health_t, now, open_database, redact, telemetry_t
+from edge.fleet.db import Clock, Database, events_t, health_t, now, open_database, telemetry_t
+from edge.fleet.db import redact as redact_db
 from edge.fleet.desired import DesiredPublisher
 from edge.fleet.ingest import Ingestor
 from edge.fleet.rollout import RolloutEngine
-from edge.protocol.signing import TrustStore
+from edge.protocol.signing import TrustStore, resolve_revoked
 from edge.protocol.topics import Channel, Topics
+from edge.web.limits import HttpLimits, Rate
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,13 @@ PRUNE_EVERY_S = 300.0
 CONNECT_WAIT_S = 10.0
 SHARE_GROUP = "edge-fleet"
 # The channels read through shared subscriptions (high rate, never retained).
-SHARED_CHANNELS = (Channel.TELEMETRY, Channel.EVENTS, Channel.RESP)
+SHARED_CHANNELS = (Channel.TELEMETRY,)
+# The channels the main connection reads plainly: retained ones, and events and responses, which
+# are few and must not be lost: mosquitto 2.0 does not restore shared subscriptions from its
+# persistence file, so what devices send between a broker restart and the controller's
+# resubscribe would be dropped, and one lost event stalls a rollout. (Each replica then stores
+# every event; rows are deduplicated by message id and rollout states only move forward.)
+PLAIN_CHANNELS = (Channel.STATUS, Channel.REPORTED, Channel.EVENTS, Channel.RESP)
 # Reader ids checked for stale sessions at start: more readers than this is not a configuration.
 MAX_READERS = 16
 # Seconds a thread may hold the GIL while another waits (Python's default is 5 ms). The MQTT
@@ -58,6 +69,23 @@ MAX_READERS = 16
 # call waits up to 5 ms behind the ingest writer and reception falls to a few hundred messages
 # per second. 0.2 ms keeps them responsive at a small cost in switches.
 SWITCH_INTERVAL_S = 0.0002
+# Unacknowledged messages the broker may have in flight to one ingest connection (MQTT 5 Receive
+# Maximum). Ingest acknowledges only after the commit, so this must cover what arrives while a
+# batch fills and commits (four full batches); beyond it the broker queues, and it is what a
+# killed controller gets again on restart. mosquitto's default without it is 20.
+RECEIVE_MAXIMUM = 4 * 5000
+# The REST API and dashboard per client address: a dashboard tab makes a few requests a second and
+# a script or the CLI bursts; 20/s sustained with bursts of 100 leaves them all alone.
+API_RATE = Rate(per_s=20, burst=100)
+# Logins per client address, successful or not: 10 at once, then one every 6 s (failed ones are
+# also counted per user name by the dashboard's LoginThrottle).
+LOGIN_RATE = Rate(per_s=1 / 6, burst=10)
+# Requests in flight before 429: each holds a database connection or a thread; live streams and
+# bundle downloads last long and are bounded by the connection cap instead.
+MAX_REQUESTS = 64
+CONTROLLER_LIMITS = HttpLimits(max_connections=1024, max_requests=MAX_REQUESTS, rate=API_RATE,
+                               path_rates=(("/dashboard/login", LOGIN_RATE),),
+                               unmetered=("/dashboard/events", "/api/v1/bundles/*/download"))
 
 
 @dataclass(frozen=True)
@@ -74,18 +102,33 @@ class ServiceConfig:
     root: str = "edge"
     public_url: str | None = None  # how devices reach the API (bundle downloads)
     trusted_keys: tuple[Path, ...] = ()
+    revoked_keys: tuple[str, ...] = ()  # key ids or key files whose uploads are refused
     admin_token: str | None = None
-    ingest_connections: int = 2  # at most MAX_READERS
+    ingest_connections: int = 1  # at most MAX_READERS; more use shared subscriptions (see _connect)
     ingest_workers: int = 0  # extra processes reading the shared subscriptions (MQTT 5 brokers)
     tick_s: float = TICK_S
     client_id: str | None = None
     telemetry_retention_s: float = TELEMETRY_RETENTION_S
+    http: HttpLimits = CONTROLLER_LIMITS  # floods and slow clients of the REST API and dashboard
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def controller_limits(rate_per_s: float | None = None, max_requests: int | None = None,
+                      max_connections: int | None = None, header_timeout_s: float | None = None,
+                      body_timeout_s: float | None = None) -> HttpLimits:
+    """Return CONTROLLER_LIMITS with the given values replaced (None keeps the default; a rate of 0: none)."""
+    limits = CONTROLLER_LIMITS
+    if rate_per_s is not None:
+        rate = Rate(rate_per_s, max(1, round(5 * rate_per_s))) if rate_per_s > 0 else None
+        limits = replace(limits, rate=rate)
+    changes = {"max_requests": max_requests, "max_connections": max_connections,
+               "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s}
+    return replace(limits, **{k: v for k, v in changes.items() if v is not None})
 
 
 def trust_store(config: ServiceConfig) -> TrustStore:
     """Return the keys uploads must be signed with: --trusted-key, <data>/trusted-keys/*.pub,
-    else the user's default public key."""
+    else the user's default public key; minus --revoked-key and $EDGE_REVOKED_KEYS."""
     paths = list(config.trusted_keys)
     folder = config.data_dir / "trusted-keys"
     if folder.is_dir():
@@ -96,17 +139,21 @@ def trust_store(config: ServiceConfig) -> TrustStore:
             paths.append(default.with_suffix(".pub"))
     if not paths:
         log.warning("no trusted keys: every upload will be refused (pass --trusted-key)")
-    return TrustStore.from_files(paths)
+    return TrustStore.from_files(paths, resolve_revoked([*config.revoked_keys, *settings.revoked_keys()]))
 
 
 class HttpServer:
     """uvicorn serving an ASGI app from a background thread."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, limits: HttpLimits | None = None) -> None:
         import uvicorn
 
-        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     lifespan="off", access_log=False))
+        from edge.web import guard_app, uvicorn_options
+
+        guards = {} if limits is None else {"ws": "none", **uvicorn_options(limits)}
+        self._server = uvicorn.Server(uvicorn.Config(app if limits is None else guard_app(app, limits), host=host,
+                                                     port=port, log_level="warning", lifespan="off", access_log=False,
+                                                     **guards))
         self._thread: threading.Thread | None = None
         self.host = host
 
@@ -197,7 +244,7 @@ class FleetService:
         # Bind the API first: the public URL (put into desired state) needs its real port.
         ctx = ApiContext(db, store, self.engine, None, secret, self.clock, self.wake, self.stats)
         self.dashboard = Dashboard(db)
-        self.http = HttpServer(create_app(ctx, self.dashboard.routes()), cfg.host, cfg.port).start()
+        self.http = HttpServer(create_app(ctx, self.dashboard.routes()), cfg.host, cfg.port, cfg.http).start()
         public = cfg.public_url or self._default_public_url()
         self.desired = ctx.desired = DesiredPublisher(db, self.topics, public, secret, self.clock)
         self.ingestor = Ingestor(db, self.topics, self.clock, on_events=self.wake).start()
@@ -206,7 +253,8 @@ class FleetService:
         self._ticker.start()
         # Last: a token generated by a start that then failed would never be shown to anyone.
         self.generated_token = auth.ensure_admin_token(db, cfg.admin_token, self.clock)
-        log.info("fleet controller: api %s, broker %s, database %s", self.http.url, self.broker_url, redact(db.url))
+        log.info("fleet controller: api %s, broker %s, database %s", self.http.url,
+                 redact.redact_url(self.broker_url or ""), redact_db(db.url))
 
     def _default_public_url(self) -> str:
         assert self.http is not None
@@ -224,33 +272,49 @@ class FleetService:
 
         assert self.ingestor is not None and self.broker_url is not None
         handle = self.ingestor.handle
-        main = MqttClient(self.broker_url, self._client_id(0), clean_start=False)
+        main = MqttClient(self.broker_url, self._client_id(0), clean_start=False, receive_maximum=RECEIVE_MAXIMUM)
         self.clients.append(main)
         # Every handler is registered before the first connect: a resumed session delivers what
         # the broker kept for it right after CONNACK, and a message with no handler is lost.
-        for channel in (Channel.STATUS, Channel.REPORTED):
-            main.subscribe(self.topics.fleet_filter(channel), handle, qos=1)
+        # Acks are deferred: the ingest acknowledges a message once its batch is committed.
+        for channel in PLAIN_CHANNELS:
+            main.subscribe(self.topics.fleet_filter(channel), handle, qos=1, defer_ack=True)
+        # Shared subscriptions split the high-rate channels across connections, workers and
+        # replicas, but mosquitto 2.0 does not keep them across its own restart (the queued messages
+        # survive, the subscription does not until the reader subscribes again): what devices send
+        # in between is lost. A single reader subscribes plainly, which a restart keeps.
+        share = self.config.ingest_connections > 1 or self.config.ingest_workers > 0
+        prefix, other = (f"$share/{SHARE_GROUP}/", "") if share else ("", f"$share/{SHARE_GROUP}/")
         for channel in SHARED_CHANNELS:  # over MQTT 3.1.1 the transport subscribes these plainly
-            main.subscribe(f"$share/{SHARE_GROUP}/{self.topics.fleet_filter(channel)}", handle, qos=1)
+            main.subscribe(prefix + self.topics.fleet_filter(channel), handle, qos=1, defer_ack=True)
+
+        def drop_other_kind(info: Any) -> None:
+            # A previous run's session may hold the other kind of subscription: both would deliver.
+            if info.protocol == "5":  # over 3.1.1 both kinds are the same plain filter
+                for channel in SHARED_CHANNELS:
+                    main.unsubscribe(other + self.topics.fleet_filter(channel))
+
+        main.on_connect(drop_other_kind)
         main.start()
         if not main.wait_connected(CONNECT_WAIT_S):
-            log.warning("broker %s not reachable yet; retrying in the background (%s)", self.broker_url, main.last_error)
-        shared = main.shared_subscriptions and main.connected
+            log.warning("broker %s not reachable yet; retrying in the background (%s)", main.broker, main.last_error)
+        shared = share and main.shared_subscriptions and main.connected
         n = self.config.ingest_connections if shared else 1
         for i in range(1, n):
-            client = MqttClient(self.broker_url, self._client_id(i), clean_start=False)
+            client = MqttClient(self.broker_url, self._client_id(i), clean_start=False, receive_maximum=RECEIVE_MAXIMUM)
             self.clients.append(client)
             for channel in SHARED_CHANNELS:
-                client.subscribe(f"$share/{SHARE_GROUP}/{self.topics.fleet_filter(channel)}", handle, qos=1)
+                client.subscribe(f"$share/{SHARE_GROUP}/{self.topics.fleet_filter(channel)}", handle, qos=1,
+                                 defer_ack=True)
             client.start()
         log.info("ingesting with %d MQTT connection(s)%s", n, " over shared subscriptions" if shared else "")
         if self.config.ingest_workers and not shared:
             log.warning("ingest workers need shared subscriptions (MQTT 5); broker %s has none: not started",
-                        self.broker_url)
+                        main.broker)
         elif self.config.ingest_workers:
             self.workers = [self._spawn_worker(i) for i in range(self.config.ingest_workers)]
-        if shared:
-            threading.Thread(target=self._clear_stale_sessions, args=(n, self.config.ingest_workers),
+        if main.connected:  # also after a run with more readers than this one
+            threading.Thread(target=self._clear_stale_sessions, args=(n, self.config.ingest_workers if shared else 0),
                              name="edge-fleet-sessions", daemon=True).start()
 
     def _clear_stale_sessions(self, connections: int, workers: int) -> None:
@@ -365,6 +429,10 @@ class FleetService:
             self.http.stop()
         if self._ticker is not None:
             self._ticker.join(30)
+        if self.ingestor is not None:
+            # Before the connections close, so the acks of the last batches still reach the broker
+            # (what arrives from now on stays unacknowledged and comes again after a restart).
+            self.ingestor.stop()
         for client in self.clients:
             try:
                 client.stop()
@@ -376,8 +444,6 @@ class FleetService:
         for proc in self.workers:
             proc.join(30)
         self.workers = []
-        if self.ingestor is not None:
-            self.ingestor.stop()
         if self.broker is not None:
             self.broker.stop()
         if self.db is not None:
@@ -402,7 +468,7 @@ class FleetService:
 
 
 def run_ingest_worker(config: ServiceConfig, broker_url: str, client_base: str, index: int, ready: Any = None) -> None:
-    """Read the shared telemetry, event and response subscriptions into the database until SIGTERM.
+    """Read the shared telemetry subscription into the database until SIGTERM.
 
     A worker is a separate process: MQTT reception and batch writes get a core (and a GIL) of
     their own, and the broker spreads the shared subscriptions across every reader.
@@ -414,6 +480,7 @@ def run_ingest_worker(config: ServiceConfig, broker_url: str, client_base: str, 
 
     _logging.basicConfig(level=settings.log_level(), stream=sys.stderr,
                          format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
+    redact.install()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -421,8 +488,9 @@ def run_ingest_worker(config: ServiceConfig, broker_url: str, client_base: str, 
     topics = Topics(fleet=config.fleet, root=config.root)
     db = open_database(config.db_url, config.data_dir)
     ingestor = Ingestor(db, topics).start()
-    client = MqttClient(broker_url, f"{client_base}-w{index}", clean_start=False)
-    handles = [client.subscribe(f"$share/{SHARE_GROUP}/{topics.fleet_filter(channel)}", ingestor.handle, qos=1)
+    client = MqttClient(broker_url, f"{client_base}-w{index}", clean_start=False, receive_maximum=RECEIVE_MAXIMUM)
+    handles = [client.subscribe(f"$share/{SHARE_GROUP}/{topics.fleet_filter(channel)}", ingestor.handle, qos=1,
+                                defer_ack=True)
                for channel in SHARED_CHANNELS]
     client.start()
     try:
@@ -431,6 +499,6 @@ def run_ingest_worker(config: ServiceConfig, broker_url: str, client_base: str, 
         while not stop.wait(1.0):
             pass
     finally:
+        ingestor.stop()  # first: the acks of what it writes leave before the connection closes
         client.stop()
-        ingestor.stop()
         db.dispose()

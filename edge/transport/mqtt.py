@@ -30,6 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.errors import ConfigError, ConnectError, PublishError, TransportError
+from edge.transport.acks import NO_ACK, Ack, AckBook
 from edge.transport.backoff import Backoff
 from edge.transport.errors import UNSUPPORTED_PROTOCOL, error_for_exception, error_for_rc, error_for_reason
 from edge.transport.handles import AckTracker, PublishHandle, SubscribeHandle
@@ -42,10 +43,14 @@ paho_log = logging.getLogger("edge.transport.paho")
 Will = tuple[str, bytes, int, bool]  # topic, payload, qos, retain
 WillSource = Union[Will, Callable[[], Will], None]
 Handler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+DeferredHandler = Callable[[str, bytes, bool, Ack], None]  # ... and the Ack to call once stored
 
 # Seconds paho's select() waits per loop turn; publishes from other threads wake it at once, so
 # this only bounds how fast stop() and the overdue-ack check react.
 LOOP_TICK_S = 0.25
+# Loop turn while received messages wait for their application's ack: an ack queued from another
+# thread is sent within this (the broker sends no more than its in-flight window until then).
+ACK_TICK_S = 0.005
 # Default seconds to wait for a PUBACK before wait() gives up and the loop logs the message.
 ACK_TIMEOUT_S = 10.0
 # MQTT 5 session expiry when clean_start is False: an hour covers restarts and short outages
@@ -62,6 +67,9 @@ MAX_PAYLOAD = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0
 # Bytes of a payload shown when a handler fails.
 LOG_PAYLOAD_BYTES = 200
+# Topics whose matching subscriptions are remembered: matching a topic against every filter costs
+# microseconds per filter and message; a fleet of 10,000 devices has about 50,000 topics.
+MAX_ROUTES = 100_000
 # paho's protocol constants, named once.
 PROTOCOL_NAMES = {MQTTProtocolVersion.MQTTv5: "5", MQTTProtocolVersion.MQTTv311: "3.1.1"}
 
@@ -78,9 +86,10 @@ class ConnectionInfo:
 @dataclass
 class _Subscription:
     topic_filter: str
-    handler: Handler
+    handler: Handler | DeferredHandler
     qos: int
     handle: SubscribeHandle
+    defer_ack: bool = False
 
 
 def _truncate(payload: bytes) -> bytes:
@@ -108,12 +117,16 @@ class MqttClient:
         max_backlog: int = MAX_BACKLOG,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         max_payload: int = MAX_PAYLOAD,
+        receive_maximum: int | None = None,
     ) -> None:
         """Describe a client; nothing connects until :meth:`start`.
 
         ``will`` is a (topic, payload, qos, retain) tuple, or a callable returning one that is
         called before every connection attempt (so a will can carry a per-connection session
         counter). ``protocol`` is "auto" (MQTT 5, falling back to 3.1.1), "5" or "3.1.1".
+        ``receive_maximum`` (MQTT 5) is how many unacknowledged QoS 1/2 messages the broker may
+        send at once: raise it for subscribers that defer acks (broker default 20 for mosquitto,
+        whose ``max_inflight_messages`` also bounds MQTT 3.1.1 clients).
         """
         self.broker: BrokerUrl = parse_broker_url(url, tls=tls, username=username, password=password)
         check_client_id(client_id)
@@ -121,6 +134,8 @@ class MqttClient:
             raise ConfigError(f"unknown MQTT protocol {protocol!r}", hint="use auto, 5 or 3.1.1")
         if keepalive < 1:
             raise ConfigError("keepalive must be at least 1 second")
+        if receive_maximum is not None and not 1 <= receive_maximum <= 65535:
+            raise ConfigError(f"receive_maximum {receive_maximum} is out of range", hint="use 1 to 65535")
         self.client_id = client_id
         self._will = will
         self._clean_start = clean_start
@@ -133,6 +148,7 @@ class MqttClient:
         self._max_backlog = max_backlog
         self._connect_timeout = connect_timeout
         self.max_payload = max_payload
+        self._receive_maximum = receive_maximum
 
         self._paho: paho.Client | None = None
         self._thread: threading.Thread | None = None
@@ -144,7 +160,10 @@ class MqttClient:
         self._order = threading.RLock()
         self._subs: dict[str, _Subscription] = {}
         self._subs_lock = threading.Lock()
+        self._routes: dict[str, list[_Subscription]] = {}  # topic -> its subscriptions; under _subs_lock
         self._acks = AckTracker()
+        self._deliveries = AckBook()  # received messages whose deferred handlers have not acked
+        self._manual_ack = False  # a deferred subscription exists: we send every ack, not paho
         self._backlog: deque[tuple[str, bytes, int, bool, PublishHandle]] = deque()
         self._connect_hooks: list[Callable[[ConnectionInfo], None]] = []
         self._disconnect_hooks: list[Callable[[TransportError | None], None]] = []
@@ -248,18 +267,28 @@ class MqttClient:
                 self._send(topic, bytes(payload), qos, retain, handle)
         return handle
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> SubscribeHandle:
+    def subscribe(self, topic_filter: str, handler: Handler | DeferredHandler, qos: int = 1, *,
+                  defer_ack: bool = False) -> SubscribeHandle:
         """Route messages matching ``topic_filter`` to ``handler(topic, payload, retained)``.
 
-        The subscription is renewed on every reconnect. Returns a handle that resolves on the
-        first SUBACK.
+        A message is acknowledged to the broker when the handler returns; with ``defer_ack`` the
+        handler is called as ``handler(topic, payload, retained, ack)`` and the message is
+        acknowledged only when ``ack()`` is called (from any thread; see :mod:`.acks`). Until then
+        the broker keeps it and sends it again after a reconnect. The subscription is renewed on
+        every reconnect. Returns a handle that resolves on the first SUBACK.
         """
         check_filter(topic_filter)
         if qos not in (0, 1, 2):
             raise ConfigError(f"invalid QoS {qos!r}; use 0, 1 or 2")
-        sub = _Subscription(topic_filter, handler, qos, SubscribeHandle(topic_filter, qos))
+        if defer_ack and not self._manual_ack:
+            if self._thread is not None:  # paho's ack mode is chosen when its client is built
+                raise ConfigError(f"deferred acks for {topic_filter} asked after start()",
+                                  hint="subscribe with defer_ack=True before starting the client")
+            self._manual_ack = True
+        sub = _Subscription(topic_filter, handler, qos, SubscribeHandle(topic_filter, qos), defer_ack)
         with self._subs_lock:
             self._subs[topic_filter] = sub
+            self._routes.clear()
         with self._order:
             if self._connected.is_set():
                 self._send_subscribe(sub)
@@ -269,6 +298,7 @@ class MqttClient:
         """Stop routing ``topic_filter`` and tell the broker."""
         with self._subs_lock:
             self._subs.pop(topic_filter, None)
+            self._routes.clear()
         with self._order:
             if self._connected.is_set() and self._paho is not None:
                 self._paho.unsubscribe(self._wire_filter(topic_filter))
@@ -313,6 +343,8 @@ class MqttClient:
                 props = Properties(PacketTypes.CONNECT)
                 if not self._clean_start:
                     props.SessionExpiryInterval = self._session_expiry
+                if self._receive_maximum is not None:
+                    props.ReceiveMaximum = self._receive_maximum
                 self._paho.connect(self.broker.host, self.broker.port, self._keepalive,
                                    clean_start=self._clean_start, properties=props)
             else:
@@ -335,7 +367,8 @@ class MqttClient:
                 else:
                     self._note_error(ConnectError(f"{self.broker} sent no CONNACK within {self._connect_timeout:.0f} s"))
                 return
-            rc = client.loop(timeout=LOOP_TICK_S)
+            rc = client.loop(timeout=ACK_TICK_S if self._deliveries.outstanding else LOOP_TICK_S)
+            self._send_acks(client)
             if self._release_pending and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._release()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -356,6 +389,7 @@ class MqttClient:
         if client is None:
             return
         if self._connected.is_set():
+            self._send_acks(client)  # what was stored before stop() must not come back
             try:
                 client.disconnect()
                 # Let the loop write DISCONNECT; paho closes the socket once it is sent.
@@ -378,6 +412,9 @@ class MqttClient:
             "client_id": self.client_id,
             "protocol": self._protocol,
             "reconnect_on_failure": False,
+            # With a deferred subscription every received message is acknowledged by us (see
+            # _on_message and acks.py); without one paho acks as each handler returns.
+            "manual_ack": self._manual_ack,
         }
         if self._protocol != MQTTProtocolVersion.MQTTv5:
             kwargs["clean_session"] = self._clean_start
@@ -400,8 +437,11 @@ class MqttClient:
         client.connect_timeout = self._connect_timeout
         client.suppress_exceptions = True  # our callbacks catch everything; this is a second net
         # paho logs a peer's reset at ERROR; we report every connection problem ourselves, once,
-        # translated, so its own lines are debugging detail.
-        client.on_log = lambda _c, _u, _level, message: paho_log.debug("%s", message)
+        # translated, so its own lines are debugging detail. Only hooked when that detail is
+        # wanted (set at connect): paho formats a line, properties included, for every packet it
+        # sends or receives once a hook is set, a good part of the CPU a received message costs.
+        if paho_log.isEnabledFor(logging.DEBUG):
+            client.on_log = lambda _c, _u, _level, message: paho_log.debug("%s", message)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -488,15 +528,44 @@ class MqttClient:
             topic = message.topic
         except UnicodeDecodeError:
             log.warning("MQTT %s: dropped a message whose topic is not UTF-8 (%r)", self.client_id, message._topic)
+            if self._manual_ack:
+                self._ack_now(client, message)
             return
-        with self._subs_lock:
-            subs = [s for s in self._subs.values() if paho.topic_matches_sub(strip_share(s.topic_filter), topic)]
+        subs = self._routes.get(topic)
+        if subs is None:
+            with self._subs_lock:
+                subs = [s for s in self._subs.values() if paho.topic_matches_sub(strip_share(s.topic_filter), topic)]
+                if len(self._routes) >= MAX_ROUTES:
+                    self._routes.clear()
+                self._routes[topic] = subs
+        deferred = sum(s.defer_ack for s in subs) if message.qos else 0
+        acks = iter(self._deliveries.deliver(self._connections, message.mid, message.qos, deferred) if deferred else ())
         for sub in subs:
+            ack = (next(acks) if deferred else NO_ACK) if sub.defer_ack else None
             try:
-                sub.handler(topic, payload, bool(message.retain))
+                if ack is None:
+                    sub.handler(topic, payload, bool(message.retain))  # type: ignore[call-arg]
+                else:
+                    sub.handler(topic, payload, bool(message.retain), ack)  # type: ignore[call-arg]
             except Exception:
                 log.exception("MQTT %s: handler for %s failed on topic %s (payload %r)",
                               self.client_id, sub.topic_filter, topic, _truncate(payload))
+                if ack is not None:
+                    ack()  # the handler kept nothing; holding the message would only stall the session
+        if not deferred and self._manual_ack:
+            self._ack_now(client, message)
+
+    def _ack_now(self, client: paho.Client, message: paho.MQTTMessage) -> None:
+        if message.qos:
+            client.ack(message.mid, message.qos)
+
+    def _send_acks(self, client: paho.Client) -> None:
+        """Send the acks deferred handlers gave, on the connection that delivered their messages."""
+        for connection, mid, qos in self._deliveries.take():
+            if connection == self._connections and self._connected.is_set():
+                client.ack(mid, qos)
+            else:  # the broker sends the message again on this connection, under its own id
+                log.debug("MQTT %s: ack of message id %s from an earlier connection dropped", self.client_id, mid)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self._acks.resolve(mid, error_for_reason(reason, "publish"))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge.agent.outbox import Kind, Outbox, OutboxLimits, OutboxSender
+from edge.agent.outbox_disk import files_bytes
 from edge.errors import ResourceError
 from edge.transport import MqttClient
 from tests.transport.helpers import FAST, WAIT_S, Inbox, client, unique, wait_until
@@ -57,6 +58,50 @@ def test_a_newer_retained_value_replaces_the_queued_one(tmp_path: Path) -> None:
     box.put("dev/reported", b"gen 2", retain=True)
     assert [(m.topic, m.payload) for m in box.peek(10)] == [("dev/events", b"installed"), ("dev/reported", b"gen 2")]
     assert box.dropped_total() == 0  # superseded, not lost
+
+
+def test_a_long_offline_device_stays_within_its_disk_budget_and_drops_exactly_by_the_policy(tmp_path: Path) -> None:
+    cap = 256 * 1024
+    path = tmp_path / "o.db"
+    # Message bytes are not the binding limit here: the database file, its WAL and index are.
+    box = Outbox(path, OutboxLimits(max_rows=1_000_000, max_bytes=1 << 30, max_disk_bytes=cap))
+    telemetry, events, reported = [], [], []
+    peak = 0
+    for i in range(2000):  # weeks offline: telemetry every interval, now and then an event or a new state
+        telemetry.append(box.put("dev/telemetry", b"t" * 600 + str(i).encode(), kind=Kind.TELEMETRY))
+        if i % 40 == 0:
+            events.append(box.put("dev/events", f"event {i} ".encode() * 10))
+        if i % 250 == 0:
+            reported.append(box.put("dev/reported", f"generation {i}".encode(), retain=True))
+        peak = max(peak, files_bytes(path))
+    assert peak <= cap
+    kept = box.peek(1_000_000)
+    assert [m.id for m in kept] == sorted(m.id for m in kept)  # still in order
+    kept_telemetry = [m.id for m in kept if m.kind is Kind.TELEMETRY]
+    assert [m.id for m in kept if m.kind is Kind.EVENT and not m.retain] == events  # no event went
+    assert [m.id for m in kept if m.retain] == [reported[-1]]  # replaced by the newest, not dropped
+    assert 0 < len(kept_telemetry) < len(telemetry)
+    assert kept_telemetry == telemetry[-len(kept_telemetry):]  # the oldest telemetry went first
+    assert box.dropped() == {"telemetry": len(telemetry) - len(kept_telemetry), "event": 0}
+    # Then only events (its sensors died): every telemetry message goes before the first event does.
+    older_events = [m.id for m in kept if m.kind is Kind.EVENT]
+    more = []
+    for i in range(400):
+        more.append(box.put("dev/events", b"e" * 500 + str(i).encode()))
+        if box.dropped()["event"]:
+            assert not [m for m in box.peek(1_000_000) if m.kind is Kind.TELEMETRY]
+        peak = max(peak, files_bytes(path))
+    assert peak <= cap
+    assert box.dropped()["telemetry"] == len(telemetry) and box.dropped()["event"] > 0
+    left = [m.id for m in box.peek(1_000_000)]
+    assert left == (older_events + more)[-len(left):]  # the oldest events went first
+    assert box.dropped()["event"] == len(older_events) + len(more) - len(left)
+    box.close()
+
+
+def test_a_disk_budget_too_small_for_the_schema_and_a_wal_is_refused() -> None:
+    with pytest.raises(ValueError, match="disk budget"):
+        OutboxLimits(max_disk_bytes=64 * 1024)
 
 
 def test_messages_and_drop_counts_survive_a_reopen(tmp_path: Path) -> None:
