@@ -447,6 +447,12 @@ class MqttClient:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        # Only the network thread may write to the socket. Without a write hook, paho (run by our
+        # own thread, not loop_start) writes from whichever thread publishes, while the network
+        # thread writes too: two threads pop packets off one queue, so messages leave out of
+        # order (seen: a QoS 1 event five places late) and a partial write could interleave.
+        # With the hook set, paho only queues and wakes the network thread's select().
+        client.on_socket_register_write = _network_thread_writes
         return client
 
     def _note_error(self, err: TransportError) -> None:
@@ -615,3 +621,8 @@ class MqttClient:
         else:
             err = error_for_rc(rc, f"subscribe to {sub.topic_filter}")
             log.warning("MQTT %s: %s", self.client_id, err)
+
+
+def _network_thread_writes(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Leave the write to the network thread's loop (see ``_build``)."""
+

@@ -295,3 +295,40 @@ def test_forced_311_on_mosquitto(broker) -> None:
         assert c.publish("t/311", b"x").wait(WAIT_S)
     finally:
         c.stop()
+
+
+def test_only_the_network_thread_writes_so_messages_leave_in_order(any_broker) -> None:
+    """Publishers on other threads only queue: two writers popping one queue reorder messages."""
+    import threading
+
+    base = unique("order")
+    inbox = Inbox()
+    watcher = client(any_broker.url, "watcher")
+    assert watcher.subscribe(f"{base}/#", inbox).wait(WAIT_S)
+    c = client(any_broker.url, "writer")
+    paho_client = c._paho  # the transport's own paho client: its socket writes are what we check
+    writers: set[str] = set()
+    send = paho_client._sock_send
+
+    def recording_send(buf: bytes) -> int:
+        writers.add(threading.current_thread().name)
+        return send(buf)
+
+    paho_client._sock_send = recording_send
+    try:
+        handles = []
+        publishers = [threading.Thread(target=lambda k=k: handles.extend(
+            c.publish(f"{base}/{k}", f"{k} {i}".encode(), 1) for i in range(100))) for k in range(4)]
+        for t in publishers:
+            t.start()
+        for t in publishers:
+            t.join()
+        assert all(h.wait(WAIT_S) for h in handles)
+        assert writers == {f"mqtt-{c.client_id}"}, writers
+        assert inbox.wait_for(lambda m: len(m) >= 400)
+        for k in range(4):  # each publisher's messages arrive in the order it published them
+            mine = [p for t, p, _ in inbox.messages if t == f"{base}/{k}"]
+            assert mine == [f"{k} {i}".encode() for i in range(100)]
+    finally:
+        c.stop()
+        watcher.stop()
