@@ -43,8 +43,9 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, pattern: str, what: str) -
 class Controller:
     """`edge fleet serve` in a subprocess, restartable on the same data folder and port."""
 
-    def __init__(self, folder: Path, broker_url: str, trusted: Path) -> None:
-        self.folder, self.broker_url, self.trusted = folder, broker_url, trusted
+    def __init__(self, folder: Path, broker_url: str, trusted: Path, fleet: str | None = None,
+                 db_url: str | None = None) -> None:
+        self.folder, self.broker_url, self.trusted, self.fleet, self.db_url = folder, broker_url, trusted, fleet, db_url
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.url = ""
@@ -55,6 +56,7 @@ class Controller:
         log = self.folder / f"controller-{self.starts}.log"
         cmd = [sys.executable, "-m", "edge.cli.main", "fleet", "serve", "--data", str(self.folder / "data"),
                "--broker", self.broker_url, "--port", str(self.port), "--trusted-key", str(self.trusted)]
+        cmd += (["--fleet", self.fleet] if self.fleet else []) + (["--db", self.db_url] if self.db_url else [])
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(self.folder / "home"),
                                          cwd=ROOT)
@@ -63,6 +65,7 @@ class Controller:
         return self
 
     def kill(self) -> None:
+        """SIGKILL: no goodbye, nothing flushed."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,13 +31,12 @@ from edge.protocol.topics import Channel, Topics
 from tests.fixtures.broker import MOSQUITTO, broker  # noqa: F401
 from tests.fixtures.bundles import make_generic_bundle
 from tests.fleet.conftest import PgSchemas, pg_available, wait_for
+from tests.fleet.processes import Controller
 from tests.fleet.simdevice import SimDevice
 from tests.transport.helpers import unique
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")]
 
-ROOT = Path(__file__).resolve().parents[2]
-ADMIN = "crash-admin-token-0123456789abcdef"
 SEED = int(os.environ.get("EDGE_CRASH_SEED", "20261128"))
 KILLS = 20
 # More devices than kills, each acting once per turn: the rollout outlives the campaign.
@@ -55,55 +50,6 @@ WAIT_S = 90.0
 BAD_FROM_TURN = 10
 ACTIVE = ("pending", "deploying", "soaking", "reverting")
 STEPS = (EventKind.DOWNLOAD_STARTED, EventKind.DOWNLOADED, EventKind.ACTIVATED, EventKind.COMMITTED)
-
-
-class ControllerProcess:
-    """`edge fleet serve` in a subprocess, restarted on the same data folder, database and port."""
-
-    def __init__(self, folder: Path, broker_url: str, trusted: Path, fleet: str, db_url: str | None) -> None:
-        self.folder, self.broker_url, self.trusted, self.fleet, self.db_url = folder, broker_url, trusted, fleet, db_url
-        self.port, self.url, self.starts = 0, "", 0
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "ControllerProcess":
-        """Start and wait until it serves."""
-        self.starts += 1
-        log = self.folder / f"controller-{self.starts}.log"
-        cmd = [sys.executable, "-m", "edge.cli.main", "fleet", "serve", "--data", str(self.folder / "data"),
-               "--broker", self.broker_url, "--port", str(self.port), "--fleet", self.fleet,
-               "--trusted-key", str(self.trusted)] + (["--db", self.db_url] if self.db_url else [])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_")}
-        env.update(EDGE_HOME=str(self.folder / "home"), PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1",
-                   EDGE_FLEET_ADMIN_TOKEN=ADMIN)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        deadline = time.monotonic() + WAIT_S
-        while not (m := re.search(r"edge fleet: api (\S+) broker", log.read_text(errors="replace"))):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"edge fleet serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.02)
-        self.url = m.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye, nothing flushed."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        """SIGTERM, the clean stop."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def api(self) -> httpx.Client:
-        """Return an admin API client."""
-        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {ADMIN}"}, timeout=30)
 
 
 class Devices:
@@ -188,14 +134,14 @@ def rollout(c: httpx.Client, version: str, waves: list[str], soak_s: float) -> s
     return r.json()["id"]
 
 
-def wait_state(ctl: ControllerProcess, rid: str, states: tuple[str, ...]) -> dict[str, Any]:
+def wait_state(ctl: Controller, rid: str, states: tuple[str, ...]) -> dict[str, Any]:
     """Wait until the rollout is in one of ``states``; return it."""
     with ctl.api() as c:
         return wait_for(lambda: (s := c.get(f"/api/v1/rollouts/{rid}").json())["state"] in states and s,
                         timeout=WAIT_S, interval=0.2, what=f"rollout {rid} to reach {states}")
 
 
-def query(ctl: ControllerProcess, sql: str, **params: Any) -> list[tuple]:
+def query(ctl: Controller, sql: str, **params: Any) -> list[tuple]:
     """Run one read-only query on the controller's database."""
     url = normalize_url(ctl.db_url, ctl.folder / "data")
     engine = create_engine(url)
@@ -216,7 +162,7 @@ def test_a_controller_killed_20_times_mid_rollout_finishes_it_correctly(
     began = time.monotonic()
     rng = random.Random(f"{SEED}-{scenario}")
     fleet = unique("ctl")
-    ctl = ControllerProcess(tmp_path, broker.url, key_pair[1], fleet, db_url).start()
+    ctl = Controller(tmp_path, broker.url, key_pair[1], fleet, db_url).start()
     sims = [SimDevice(broker.url, Topics(fleet=fleet), f"sim-{i:02d}").start() for i in range(DEVICES)]
     devices = Devices(sims)
     try:

@@ -97,3 +97,33 @@ def test_transitions_outside_the_table_are_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot go from READY to FAILED"):
         entry.move(ModelState.FAILED)
     reg.close()
+
+
+def test_the_native_runtime_is_imported_before_the_loader_thread_starts() -> None:
+    """numpy imported by two threads at once can be found half-initialized: import it first."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, threading
+        from edge.agent.server.registry import Registry
+        from tests.agent.server.tiny import ListSource
+        seen = {}
+        start = threading.Thread.start
+        def recording_start(self):
+            if self.name == "edge-model-loader":
+                seen["imported"] = {"numpy", "onnxruntime"} <= set(sys.modules)
+            start(self)
+        threading.Thread.start = recording_start
+        assert "onnxruntime" not in sys.modules, "the registry module must not import it by itself"
+        reg = Registry(ListSource([]))
+        reg.start()
+        reg.wait_loaded(30)
+        reg.close()
+        print(seen)
+    """)
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "{'imported': True}"
