@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # Seconds uvicorn waits for open requests (a streaming answer) before closing them at shutdown:
 # long enough for a short generation to finish, short enough for a service manager's stop timeout.
 GRACEFUL_SHUTDOWN_S = 5
+# Connections the kernel queues while the server starts or is busy (uvicorn's default).
+LISTEN_BACKLOG = 2048
 
 
 class Connector(Protocol):
@@ -165,6 +167,9 @@ class Agent:
             raise ConfigError(f"cannot listen on {self.options.host}:{self.options.port}: {exc.strerror}",
                               hint="choose another --http HOST:PORT") from exc
         sock.set_inheritable(True)
+        # Listen at once: the URL is announced before the server's start-up finishes, and a
+        # client that connects in between waits in the backlog instead of being refused.
+        sock.listen(LISTEN_BACKLOG)
         self.address = sock.getsockname()[:2]
         return sock
 

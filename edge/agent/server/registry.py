@@ -167,7 +167,12 @@ class Registry:
         """Load the store's active models in a background thread."""
         if self._thread is not None:
             return
-        import_native_runtime()
+        try:
+            has_models = bool(self._source_call("active"))
+        except EdgeError:
+            has_models = False  # the loader thread reports it
+        if has_models:  # an idle agent never pays for numpy and onnxruntime (~30 MB)
+            import_native_runtime()
         self._thread = threading.Thread(target=self._load_initial, name="edge-model-loader", daemon=True)
         self._thread.start()
 

@@ -117,7 +117,15 @@ def test_the_native_runtime_is_imported_before_the_loader_thread_starts() -> Non
             start(self)
         threading.Thread.start = recording_start
         assert "onnxruntime" not in sys.modules, "the registry module must not import it by itself"
-        reg = Registry(ListSource([]))
+        import tempfile
+        from pathlib import Path
+        from tests.agent.server.tiny import make_installed
+        idle = Registry(ListSource([]))
+        idle.start()
+        idle.wait_loaded(30)
+        idle.close()
+        assert "onnxruntime" not in sys.modules, "an agent without models must not load the runtime"
+        reg = Registry(ListSource([make_installed(Path(tempfile.mkdtemp()), "a")]))
         reg.start()
         reg.wait_loaded(30)
         reg.close()
