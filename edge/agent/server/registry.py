@@ -168,12 +168,15 @@ class Registry:
         if self._thread is not None:
             return
         try:
-            has_models = bool(self._source_call("active"))
-        except EdgeError:
-            has_models = False  # the loader thread reports it
-        if has_models:  # an idle agent never pays for numpy and onnxruntime (~30 MB)
+            installed = self._source_call("active")
+        except EdgeError as exc:
+            self._startup_error = f"cannot read the model store: {exc}"
+            log.error("%s", self._startup_error)
+            installed = []
+        if installed:  # an idle agent never pays for numpy and onnxruntime (~30 MB)
             import_native_runtime()
-        self._thread = threading.Thread(target=self._load_initial, name="edge-model-loader", daemon=True)
+        self._thread = threading.Thread(target=self._load_initial, args=(installed,), name="edge-model-loader",
+                                        daemon=True)
         self._thread.start()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
@@ -191,13 +194,7 @@ class Registry:
                         entry.served = None
             self._current.clear()
 
-    def _load_initial(self) -> None:
-        try:
-            installed = self._source_call("active")
-        except EdgeError as exc:
-            self._startup_error = f"cannot read the model store: {exc}"
-            log.error("%s", self._startup_error)
-            installed = []
+    def _load_initial(self, installed: list) -> None:
         with self._lock:  # every model shows as LOADING from the start, so readiness waits for all
             for m in installed:
                 entry = self._entry_for(m)
